@@ -1,0 +1,214 @@
+"""NetworkRequestOperator through real Airflow: dag.test() on SQLite against a scripted server on 127.0.0.1.
+
+Each test checks what a user sees (task state, try_number) and what the server saw
+(how many requests, and never one before the time it allowed).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from email.utils import formatdate
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TEST_DAGS_DIR
+from tests.support.dag_runner import operator_dag_source, run_dag, set_connection, write_dag_file
+from tests.support.scripted_api import ScriptedResponse, free_port
+
+pytestmark = pytest.mark.usefixtures("airflow_db")
+
+# Small delays keep the suite quick; dag.test() polls about once a second, so a
+# reschedule runs up to ~1 s after its time. Never before it: that is what we assert.
+FAST_RETRIES = "{'retries': 2, 'retry_delay': timedelta(seconds=1)}"
+
+
+def run_operator(request, api_url: str, operator_kwargs: str, default_args: str = FAST_RETRIES):
+    dag_id = request.node.name.replace("[", "_").replace("]", "").replace("-", "_")[:200]
+    set_connection(api_url)
+    path = write_dag_file(TEST_DAGS_DIR, dag_id, operator_dag_source(dag_id, operator_kwargs, default_args))
+    return run_dag(path, dag_id)
+
+
+def test_429_with_retry_after_seconds_reschedules_without_spending_a_try(request, scripted_api):
+    scripted_api.script(ScriptedResponse.too_many_requests(retry_after=2), ScriptedResponse(body={"users": [1, 2]}))
+
+    result = run_operator(request, scripted_api.base_url, "endpoint='/api/users'")
+
+    task = result.task("request")
+    assert result.state == "success"
+    assert task.state == "success"
+    assert task.try_number == 1, "a rate-limit wait must not spend a retry"
+    assert task.reschedules == 1
+    assert task.xcom == {"users": [1, 2]}
+    assert scripted_api.request_count == 2
+    assert scripted_api.gaps()[0] >= 2.0, "second request sent before Retry-After allowed it"
+
+
+def test_429_with_retry_after_http_date_waits_until_that_date(request, scripted_api):
+    allowed_at = int(time.time()) + 3
+    scripted_api.script(
+        ScriptedResponse.too_many_requests(retry_after=formatdate(allowed_at, usegmt=True)),
+        ScriptedResponse(body={"ok": True}),
+    )
+
+    result = run_operator(request, scripted_api.base_url, "endpoint='/api/orders'")
+
+    assert result.task("request").state == "success"
+    assert result.task("request").try_number == 1
+    assert scripted_api.requests[1].received_at >= allowed_at
+
+
+def test_429_with_ratelimit_reset_and_no_remaining_quota_waits_the_reset(request, scripted_api):
+    scripted_api.script(
+        ScriptedResponse(status=429, headers={"RateLimit-Remaining": "0", "RateLimit-Reset": "2"}),
+        ScriptedResponse(body={"ok": True}),
+    )
+
+    result = run_operator(request, scripted_api.base_url, "endpoint='/api/products'")
+
+    assert result.task("request").state == "success"
+    assert result.task("request").try_number == 1
+    assert scripted_api.gaps()[0] >= 2.0
+
+
+def test_429_with_github_style_epoch_reset_waits_until_the_epoch(request, scripted_api):
+    reset_epoch = int(time.time()) + 3
+    scripted_api.script(
+        ScriptedResponse(
+            status=429, headers={"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": str(reset_epoch)}
+        ),
+        ScriptedResponse(body={"ok": True}),
+    )
+
+    result = run_operator(request, scripted_api.base_url, "endpoint='/api/inventory'")
+
+    assert result.task("request").state == "success"
+    assert scripted_api.requests[1].received_at >= reset_epoch
+
+
+def test_429_without_any_header_backs_off_by_retry_delay(request, scripted_api):
+    scripted_api.script(ScriptedResponse.too_many_requests(retry_after=None), ScriptedResponse(body={"ok": True}))
+
+    result = run_operator(
+        request, scripted_api.base_url, "endpoint='/api/weather'", "{'retries': 0, 'retry_delay': timedelta(seconds=2)}"
+    )
+
+    assert result.task("request").state == "success"
+    assert result.task("request").try_number == 1
+    assert scripted_api.gaps()[0] >= 2.0
+
+
+def test_malformed_retry_after_falls_back_to_backoff_instead_of_crashing(request, scripted_api):
+    scripted_api.script(ScriptedResponse.too_many_requests(retry_after="soon-ish"), ScriptedResponse(body={"ok": 1}))
+
+    result = run_operator(
+        request, scripted_api.base_url, "endpoint='/api/users'", "{'retries': 0, 'retry_delay': timedelta(seconds=2)}"
+    )
+
+    assert result.task("request").state == "success"
+    assert scripted_api.gaps()[0] >= 2.0
+
+
+def test_503_with_retry_after_is_a_rate_limit_not_a_retry(request, scripted_api):
+    scripted_api.script(
+        ScriptedResponse(status=503, headers={"Retry-After": "1"}, body="maintenance"),
+        ScriptedResponse(body={"ok": True}),
+    )
+
+    result = run_operator(request, scripted_api.base_url, "endpoint='/api/users'")
+
+    assert result.task("request").state == "success"
+    assert result.task("request").try_number == 1
+    assert scripted_api.gaps()[0] >= 1.0
+
+
+def test_500_then_success_spends_one_retry(request, scripted_api):
+    scripted_api.script(ScriptedResponse(status=500, body="boom"), ScriptedResponse(body={"ok": True}))
+
+    result = run_operator(request, scripted_api.base_url, "endpoint='/api/users'")
+
+    task = result.task("request")
+    assert task.state == "success"
+    assert task.try_number == 2, "a server error goes through Airflow's normal retries"
+    assert len(task.earlier_tries) == 1, "one earlier, failed try is kept in the task history"
+    assert scripted_api.request_count == 2
+
+
+def test_404_fails_at_once_without_retrying(request, scripted_api):
+    scripted_api.script(ScriptedResponse(status=404, body={"error": "no such user"}))
+
+    result = run_operator(request, scripted_api.base_url, "endpoint='/api/users/999'")
+
+    task = result.task("request")
+    assert result.state == "failed"
+    assert task.state == "failed"
+    assert task.try_number == 1, "a permanent error must not use the retries"
+    assert scripted_api.request_count == 1
+
+
+def test_connection_refused_is_retried_then_fails(request):
+    closed_port = free_port()  # nothing listens there
+
+    result = run_operator(request, f"http://127.0.0.1:{closed_port}", "endpoint='/api/users'",
+                          "{'retries': 1, 'retry_delay': timedelta(seconds=1)}")
+
+    task = result.task("request")
+    assert task.state == "failed"
+    assert task.try_number == 2, "connection errors spend retries like any transient error"
+
+
+def test_wait_longer_than_max_rate_limit_wait_fails_at_once(request, scripted_api):
+    scripted_api.script(ScriptedResponse.too_many_requests(retry_after=7200))
+
+    result = run_operator(request, scripted_api.base_url, "endpoint='/api/users'")
+
+    task = result.task("request")
+    assert task.state == "failed"
+    assert task.try_number == 1, "retrying early would send a request before the server allowed"
+    assert task.reschedules == 0
+    assert scripted_api.request_count == 1
+
+
+def test_total_rate_limit_wait_beyond_rate_limit_timeout_fails(request, scripted_api):
+    scripted_api.script(
+        ScriptedResponse.too_many_requests(retry_after=2),
+        ScriptedResponse.too_many_requests(retry_after=2),
+        ScriptedResponse(body={"never": "reached"}),
+    )
+
+    result = run_operator(request, scripted_api.base_url, "endpoint='/api/users', rate_limit_timeout=3")
+
+    task = result.task("request")
+    assert task.state == "failed"
+    assert task.reschedules == 1
+    assert scripted_api.request_count == 2
+
+
+def test_initial_delay_sends_nothing_before_the_delay(request, scripted_api):
+    started = time.time()
+
+    result = run_operator(request, scripted_api.base_url, "endpoint='/api/users', initial_delay=2")
+
+    task = result.task("request")
+    assert task.state == "success"
+    assert task.try_number == 1
+    assert scripted_api.request_count == 1
+    assert scripted_api.requests[0].received_at - started >= 2.0
+
+
+def test_output_path_writes_the_body_and_returns_where(request, scripted_api, tmp_path: Path):
+    body = {"items": list(range(100))}
+    scripted_api.script(ScriptedResponse(body=body))
+    target = tmp_path / "out" / "items.json"
+
+    result = run_operator(request, scripted_api.base_url, f"endpoint='/api/items', output_path={str(target)!r}")
+
+    task = result.task("request")
+    assert task.state == "success"
+    assert json.loads(target.read_text()) == body
+    assert task.xcom["path"] == str(target)
+    assert task.xcom["status_code"] == 200
+    assert task.xcom["bytes"] == target.stat().st_size
+    assert list(target.parent.iterdir()) == [target], "no temporary file left behind"

@@ -76,7 +76,7 @@ with DAG(
             description="Wait this long before the first request.",
         ),
     },
-):
+) as dag:
     NetworkRequestOperator(
         task_id="request",
         http_conn_id="network_request_api",

@@ -56,7 +56,7 @@ with DAG(
         "retry_exponential_backoff": 2.0,
         "max_retry_delay": timedelta(minutes=5),
     },
-):
+) as dag:
     NetworkRequestOperator.partial(
         task_id="fetch",
         http_conn_id="network_request_api",

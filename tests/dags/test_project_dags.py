@@ -1,0 +1,101 @@
+"""The shipped DAGs, run through real Airflow (dag.test()) against the real demo API on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT, TEST_DAGS_DIR
+from tests.support.dag_runner import collect, load_dag, run_dag, set_connection
+
+pytestmark = pytest.mark.usefixtures("airflow_db")
+
+
+@pytest.fixture
+def demo_api():
+    """The project's demo API, with a limit tight enough that six requests at once hit it."""
+    from include.demo_api import make_server
+
+    server = make_server("127.0.0.1", 0, rate=1.0, burst=2)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    set_connection(f"http://127.0.0.1:{server.server_address[1]}")
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def installed_dag(name: str) -> Path:
+    """dag.test() needs the DAG file inside the (test) dags folder."""
+    target = TEST_DAGS_DIR / name
+    shutil.copy(REPO_ROOT / "dags" / name, target)
+    return target
+
+
+def test_periodic_dag_waits_out_the_rate_limit_and_saves_every_endpoint(demo_api):
+    result = run_dag(installed_dag("network_request_periodic.py"), "network_request_periodic")
+
+    fetches = [task for (task_id, _), task in result.tasks.items() if task_id == "fetch"]
+    assert result.state == "success"
+    assert len(fetches) == 6
+    assert all(task.state == "success" for task in fetches)
+    assert all(task.try_number == 1 for task in fetches), "rate limits must not spend retries"
+    assert sum(task.reschedules for task in fetches) >= 1, "the demo API's limit should have been hit"
+    served = demo_api.stats.snapshot()
+    assert served["responses_429"] == sum(task.reschedules for task in fetches), "one reschedule per 429"
+    assert served["responses_2xx"] == 6, "each endpoint fetched exactly once"
+    for task in fetches:
+        saved = Path(task.xcom["path"])
+        assert saved.is_file() and json.loads(saved.read_text())
+        assert "network_request_periodic" in saved.parts
+
+
+def test_once_dag_fetches_the_endpoint_given_in_conf(demo_api):
+    dag = load_dag(installed_dag("network_request_once.py"), "network_request_once")
+
+    dag_run = dag.test(run_conf={"endpoint": "/api/items/42"})
+
+    result = collect("network_request_once", dag_run.run_id, str(dag_run.state))
+    task = result.task("request")
+    assert result.state == "success"
+    saved = Path(task.xcom["path"])
+    assert json.loads(saved.read_text())["item"]["id"] == 42
+
+
+def test_once_dag_posts_a_json_body(demo_api):
+    dag = load_dag(installed_dag("network_request_once.py"), "network_request_once")
+
+    dag_run = dag.test(run_conf={"endpoint": "/api/echo", "method": "POST", "body": {"hello": "world"}})
+
+    task = collect("network_request_once", dag_run.run_id, str(dag_run.state)).task("request")
+    assert task.state == "success"
+    assert "world" in Path(task.xcom["path"]).read_text()
+
+
+@pytest.mark.parametrize(
+    ("conf", "named_param"),
+    [
+        ({"endpoint": "https://evil.example/steal"}, "endpoint"),
+        ({"endpoint": "//evil.example/steal"}, "endpoint"),
+        ({"endpoint": "/api/../../etc/passwd"}, "endpoint"),
+        ({"endpoint": "/api/users\r\nX-Injected: 1"}, "endpoint"),
+        ({"method": "TRACE"}, "method"),
+        ({"initial_delay_seconds": -5}, "initial_delay_seconds"),
+        ({"body": "not an object"}, "body"),
+    ],
+)
+def test_once_dag_refuses_bad_conf_before_any_request(demo_api, conf, named_param):
+    from airflow.sdk.exceptions import ParamValidationError
+
+    dag = load_dag(installed_dag("network_request_once.py"), "network_request_once")
+    requests_before = demo_api.stats.snapshot()["requests_total"]
+
+    with pytest.raises(ParamValidationError) as refused:
+        dag.test(run_conf=conf)
+
+    assert named_param in str(refused.value)
+    assert demo_api.stats.snapshot()["requests_total"] == requests_before, "no request for a refused conf"

@@ -27,10 +27,10 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import requests
-from airflow.providers.http.hooks.http import HttpHook
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowRescheduleException
 
+from network_requests.hooks import NetworkRequestHook
 from network_requests.endpoints import UnsafeEndpointError, redact_url, same_origin, validate_endpoint
 from network_requests.exceptions import (
     PermanentRequestError,
@@ -169,9 +169,9 @@ class NetworkRequestOperator(BaseOperator):
     random_fraction: Callable[[], float] = staticmethod(random.random)
 
     @cached_property
-    def hook(self) -> HttpHook:
+    def hook(self) -> NetworkRequestHook:
         """Built on first use inside ``execute``: parsing a DAG never reads a Connection."""
-        return HttpHook(method=self.method, http_conn_id=self.http_conn_id)
+        return NetworkRequestHook(method=self.method, http_conn_id=self.http_conn_id)
 
     # -- Airflow entry point ------------------------------------------------------------
 

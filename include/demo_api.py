@@ -358,7 +358,7 @@ class DemoApiHandler(BaseHTTPRequestHandler):
             body = self._read_body()
             if path.startswith("/api/"):
                 decision = self.server.bucket.try_acquire()
-                extra_headers = _rate_limit_headers(decision)
+                extra_headers = _rate_limit_headers(decision, self.server.bucket)
                 if not decision.allowed:
                     raise _HttpError(
                         429,
@@ -463,12 +463,20 @@ def _require_method(method: str, allowed: set[str]) -> None:
         )
 
 
-def _rate_limit_headers(decision: Decision) -> dict[str, str]:
+def _rate_limit_headers(decision: Decision, bucket: TokenBucket) -> dict[str, str]:
     return {
         "RateLimit-Limit": str(decision.limit),
         "RateLimit-Remaining": str(decision.remaining),
         "RateLimit-Reset": str(decision.reset_s),
+        # IETF draft-ietf-httpapi-ratelimit-headers: `quota;w=window` states the average
+        # rate (burst tokens per burst/rate seconds), so clients can pace themselves.
+        "RateLimit-Policy": policy_header(bucket.rate_per_s, bucket.burst),
     }
+
+
+def policy_header(rate_per_s: float, burst: int) -> str:
+    """``RateLimit-Policy`` for a token bucket; the window is rounded up, so it never overstates the rate."""
+    return f"{burst};w={max(math.ceil(burst / rate_per_s), 1)}"
 
 
 def make_server(

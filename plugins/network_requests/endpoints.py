@@ -17,10 +17,10 @@ _SAFE_ENDPOINT = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:/?%]*", re.ASCII)
 
 #: JSON-schema pattern for a trigger form's ``endpoint`` field, so a bad value is refused
 #: when the run is triggered: a path starting with one ``/``, no CR/LF, no ``.``/``..``
-#: segment, no percent-encoded dot, slash or backslash. The operator checks again with
+#: segment, no percent-encoded dot, slash, backslash, ``@`` or ``%`` (double encoding), no ``://``. The operator checks again with
 #: ``validate_endpoint`` before any request.
 ENDPOINT_PARAM_PATTERN = (
-    r"^(?!.*[\r\n])(?!.*(?:^|/)\.{1,2}(?:[/?]|$))(?!.*%(?:2[eEfF]|5[cC]))"
+    r"^(?!.*[\r\n])(?!.*(?:^|/)\.{1,2}(?:[/?]|$))(?!.*%(?:2[eEfF]|5[cC]|40|25))(?!.*://)"
     r"/(?!/)[A-Za-z0-9\-._~!$&'()*+,;=:/?%]*$"
 )
 
@@ -63,18 +63,19 @@ def validate_endpoint(endpoint: str) -> str:
 
 
 def same_origin(url: str, base_url: str) -> bool:
-    """Does ``url`` stay on the scheme, host and port of ``base_url``?"""
+    """Does ``url`` stay on the scheme, host and port of ``base_url``? (A bad port never does.)"""
     target, base = urlsplit(url), urlsplit(base_url)
-    return (target.scheme, target.hostname, target.port) == (base.scheme, base.hostname, base.port)
+    try:
+        return (target.scheme, target.hostname, target.port) == (base.scheme, base.hostname, base.port)
+    except ValueError:
+        return False
 
 
 def redact_url(url: str) -> str:
     """The URL without user info (``user:password@``), safe to log or show."""
     parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
+    if "@" not in parts.netloc:
         return url
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{host}:{parts.port}" if parts.port else host
+    # Keep the host and port exactly as written (even an invalid port): only drop user info.
+    netloc = parts.netloc.rpartition("@")[2]
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))

@@ -22,15 +22,17 @@ import json
 import random
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import requests
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowRescheduleException
 
-from network_requests.hooks import NetworkRequestHook
+from network_requests import events
 from network_requests.endpoints import UnsafeEndpointError, redact_url, same_origin, validate_endpoint
 from network_requests.exceptions import (
     PermanentRequestError,
@@ -39,6 +41,10 @@ from network_requests.exceptions import (
     ResponseTooLargeError,
     TransientRequestError,
 )
+from network_requests.events import AttemptEvent, WaitEvent
+from network_requests.gate import Admission, GateState, admit, for_origin, observe
+from network_requests.gate_store import GateStore, VariableGateStore
+from network_requests.hooks import NetworkRequestHook
 from network_requests.output import write_atomically
 from network_requests.rate_limit import (
     Backoff,
@@ -63,6 +69,38 @@ DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 #: How much of an error body goes into a failure message.
 ERROR_BODY_PREVIEW_CHARS = 300
 _READ_CHUNK_BYTES = 64 * 1024
+#: Waits up to this long happen in-process by default (see ``in_process_wait_threshold``).
+DEFAULT_IN_PROCESS_WAIT_THRESHOLD = timedelta(0)
+#: At most this many in-process waits per run of the task, so a slot is never held for long.
+MAX_IN_PROCESS_WAITS = 5
+
+
+@dataclass(frozen=True)
+class _WaitProgress:
+    """How much rate-limit waiting this try has done: the input of the backoff and the timeout."""
+
+    rate_limit_waits: int
+    waiting_since: datetime | None
+
+    def waited(self, now: datetime) -> timedelta:
+        if self.waiting_since is None:
+            return timedelta(0)
+        return max(now - self.waiting_since, timedelta(0))
+
+    def after_wait(self, now: datetime) -> _WaitProgress:
+        return _WaitProgress(self.rate_limit_waits + 1, self.waiting_since or now)
+
+
+def _ticket(context: Any) -> str:
+    """This task instance's place in the shared gate's queue (stable across reschedules)."""
+    ti = context["ti"]
+    return f"{ti.dag_id}|{ti.run_id}|{ti.task_id}|{getattr(ti, 'map_index', -1)}"
+
+
+def _task_label(context: Any) -> str:
+    ti = context["ti"]
+    map_index = getattr(ti, "map_index", -1)
+    return f"{ti.dag_id}.{ti.task_id}" + (f"[{map_index}]" if map_index is not None and map_index >= 0 else "")
 
 
 def _utcnow() -> datetime:
@@ -118,6 +156,11 @@ class NetworkRequestOperator(BaseOperator):
     :param max_response_bytes: stop reading and fail when the body is larger.
     :param rate_limit_jitter: fraction of the backoff added at random (never subtracted).
     :param extra_options: extra ``HttpHook`` options (``verify``, ``proxies``, ...).
+    :param shared_gate: share what the server said with every task of the same connection
+        (an Airflow Variable), so they wait without sending and queue for their turn.
+    :param deferrable: wait in the triggerer (``DateTimeTrigger``) instead of rescheduling.
+    :param in_process_wait_threshold: waits this short happen inside the running task
+        (holding its slot) instead of a reschedule; at most ``MAX_IN_PROCESS_WAITS`` per run.
     """
 
     template_fields: Sequence[str] = ("endpoint", "method", "data", "headers", "output_path", "initial_delay")
@@ -142,6 +185,9 @@ class NetworkRequestOperator(BaseOperator):
         max_response_bytes: int | None = DEFAULT_MAX_RESPONSE_BYTES,
         rate_limit_jitter: float = 0.1,
         extra_options: dict[str, Any] | None = None,
+        shared_gate: bool = True,
+        deferrable: bool = False,
+        in_process_wait_threshold: timedelta | float = DEFAULT_IN_PROCESS_WAIT_THRESHOLD,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -160,6 +206,9 @@ class NetworkRequestOperator(BaseOperator):
         self.max_response_bytes = max_response_bytes
         self.rate_limit_jitter = rate_limit_jitter
         self.extra_options = extra_options or {}
+        self.shared_gate = shared_gate
+        self.deferrable = deferrable
+        self.in_process_wait_threshold = _as_timedelta(in_process_wait_threshold, "in_process_wait_threshold") or timedelta(0)
 
     # -- seams for tests and subclasses -------------------------------------------------
 
@@ -167,6 +216,13 @@ class NetworkRequestOperator(BaseOperator):
     clock: Callable[[], datetime] = staticmethod(_utcnow)
     #: Source of jitter in [0, 1).
     random_fraction: Callable[[], float] = staticmethod(random.random)
+    #: How an in-process wait sleeps.
+    sleep: Callable[[float], None] = staticmethod(time.sleep)
+
+    @cached_property
+    def gate_store(self) -> GateStore:
+        """Where the shared gate lives; an Airflow Variable per connection by default."""
+        return VariableGateStore()
 
     @cached_property
     def hook(self) -> NetworkRequestHook:
@@ -184,11 +240,28 @@ class NetworkRequestOperator(BaseOperator):
         initial_delay = _as_timedelta(self.initial_delay, "initial_delay")
         delayed_this_try = bool(initial_delay) and ti.try_number == 1
         if delayed_this_try and reschedules == 0:
-            self._reschedule(
-                RateLimitWait(initial_delay.total_seconds(), WaitSource.INITIAL_DELAY, now + initial_delay),
-                reason="initial delay",
-            )
+            wait = RateLimitWait(initial_delay.total_seconds(), WaitSource.INITIAL_DELAY, now + initial_delay)
+            self._wait(wait, context, _WaitProgress(0, None), url=str(self.endpoint), reason="initial delay",
+                       in_process_allowed=False)
+        progress = _WaitProgress(
+            rate_limit_waits=max(reschedules - (1 if delayed_this_try else 0), 0),
+            waiting_since=self._first_rate_limit_wait(ti, context, initial_delay if delayed_this_try else None),
+        )
+        return self._attempt(context, progress)
 
+    def resume_after_wait(
+        self,
+        context: Context,
+        event: Any = None,
+        rate_limit_waits: int = 0,
+        waiting_since: str | None = None,
+    ) -> Any:
+        """Where a deferred wait (``deferrable=True``) comes back when the trigger fires."""
+        self.method = str(self.method).upper()
+        since = datetime.fromisoformat(waiting_since) if waiting_since else None
+        return self._attempt(context, _WaitProgress(rate_limit_waits, since))
+
+    def _attempt(self, context: Context, progress: _WaitProgress) -> Any:
         endpoint = self.checked_endpoint(self.endpoint)
         url = self.hook.url_from_endpoint(endpoint)
         if not same_origin(url, self.hook.base_url):
@@ -198,63 +271,72 @@ class NetworkRequestOperator(BaseOperator):
                 method=self.method,
                 url=redact_url(url),
             )
+        safe_url = redact_url(url)
+        ticket = _ticket(context)
 
-        response, elapsed = self.send_request(endpoint, url)
-        outcome = self.classify_response(response)
-        status_line = f"{self.method} {redact_url(url)} -> {response.status_code} in {elapsed:.3f}s"
+        # Short waits happen here, in-process; each pass of the loop sends at most one request,
+        # and the count bounds how long a task may hold its slot this way.
+        for in_process_waits in range(MAX_IN_PROCESS_WAITS + 1):
+            in_process_allowed = in_process_waits < MAX_IN_PROCESS_WAITS
+            if self.shared_gate:
+                gate_wait, gate_reason = self._gate_admission(ticket)
+                if gate_wait is not None:
+                    self._wait(gate_wait, context, progress, url=safe_url,
+                               reason=f"{self.method} {safe_url} not sent: {gate_reason}",
+                               in_process_allowed=in_process_allowed, status_code=None)
+                    continue
 
-        if outcome is Outcome.RATE_LIMITED:
-            rate_limit_waits = reschedules - (1 if delayed_this_try else 0)
-            waited_so_far = self._rate_limit_time_spent(ti, context, now, initial_delay if delayed_this_try else None)
-            wait = self.rate_limit_wait(response, now=self.clock(), consecutive_waits=rate_limit_waits)
-            problem = wait_limit_violation(
-                wait,
-                waited_so_far=waited_so_far,
-                max_single_wait=self.max_rate_limit_wait,
-                total_timeout=self.rate_limit_timeout,
-            )
-            if problem:
-                self.log.error("%s; rate limited, giving up: %s", status_line, problem)
-                raise RateLimitExceededError(
-                    f"{self.method} {redact_url(url)} was rate limited ({response.status_code}) and {problem}",
+            response, elapsed = self.send_request(endpoint, url)
+            outcome = self.classify_response(response)
+            status_line = f"{self.method} {safe_url} -> {response.status_code} in {elapsed:.3f}s"
+            events.emit(AttemptEvent(self.http_conn_id, self.method, safe_url, response.status_code,
+                                     outcome.value, elapsed, self.clock()))
+
+            if outcome is not Outcome.RATE_LIMITED:
+                self._gate_observe(response, rate_limited_until=None)
+
+            if outcome is Outcome.RATE_LIMITED:
+                wait = self.rate_limit_wait(response, now=self.clock(), consecutive_waits=progress.rate_limit_waits)
+                self._gate_observe(response, rate_limited_until=wait.not_before)
+                if wait.fallback_reason:
+                    self.log.warning(
+                        "Malformed rate-limit header, using %s: %s", wait.source.value, wait.fallback_reason
+                    )
+                self._wait(wait, context, progress, url=safe_url, reason=status_line,
+                           in_process_allowed=in_process_allowed, status_code=response.status_code)
+                progress = progress.after_wait(self.clock())
+                continue
+
+            if outcome is Outcome.TRANSIENT:
+                self.log.warning("%s; transient, Airflow will retry if retries remain", status_line)
+                raise TransientRequestError(
+                    f"{self.method} {safe_url} answered {response.status_code} {response.reason}: "
+                    f"{self._body_preview(response)}",
                     method=self.method,
-                    url=redact_url(url),
+                    url=safe_url,
                     status_code=response.status_code,
-                    wait_seconds=wait.seconds,
                 )
-            if wait.fallback_reason:
-                self.log.warning("Malformed rate-limit header, using %s: %s", wait.source.value, wait.fallback_reason)
-            self._reschedule(wait, reason=status_line)
 
-        if outcome is Outcome.TRANSIENT:
-            self.log.warning("%s; transient, Airflow will retry if retries remain", status_line)
-            raise TransientRequestError(
-                f"{self.method} {redact_url(url)} answered {response.status_code} {response.reason}: "
-                f"{self._body_preview(response)}",
-                method=self.method,
-                url=redact_url(url),
-                status_code=response.status_code,
-            )
+            if outcome is Outcome.PERMANENT:
+                self.log.error("%s; permanent, failing without retry", status_line)
+                raise PermanentRequestError(
+                    f"{self.method} {safe_url} answered {response.status_code} {response.reason} "
+                    f"(not retried: the same request would fail again): {self._body_preview(response)}",
+                    method=self.method,
+                    url=safe_url,
+                    status_code=response.status_code,
+                )
 
-        if outcome is Outcome.PERMANENT:
-            self.log.error("%s; permanent, failing without retry", status_line)
-            raise PermanentRequestError(
-                f"{self.method} {redact_url(url)} answered {response.status_code} {response.reason} "
-                f"(not retried: the same request would fail again): {self._body_preview(response)}",
-                method=self.method,
-                url=redact_url(url),
-                status_code=response.status_code,
-            )
-
-        self.log.info("%s; success, %d bytes", status_line, len(response.content))
-        if self.response_check is not None and not self.response_check(response):
-            raise ResponseCheckFailed(
-                f"response_check returned False for {self.method} {redact_url(url)}",
-                method=self.method,
-                url=redact_url(url),
-                status_code=response.status_code,
-            )
-        return self.result_of(response, url)
+            self.log.info("%s; success, %d bytes", status_line, len(response.content))
+            if self.response_check is not None and not self.response_check(response):
+                raise ResponseCheckFailed(
+                    f"response_check returned False for {self.method} {safe_url}",
+                    method=self.method,
+                    url=safe_url,
+                    status_code=response.status_code,
+                )
+            return self.result_of(response, url)
+        raise AssertionError("unreachable: the last pass always reschedules or defers")  # pragma: no cover
 
     # -- extension points ---------------------------------------------------------------
 
@@ -288,6 +370,8 @@ class NetworkRequestOperator(BaseOperator):
             elapsed = time.monotonic() - started
             kind = "timed out" if isinstance(error, requests.Timeout) else "could not connect"
             self.log.warning("%s %s -> %s after %.3fs", self.method, redact_url(url), kind, elapsed)
+            events.emit(AttemptEvent(self.http_conn_id, self.method, redact_url(url), None,
+                                     "connection_error", elapsed, self.clock()))
             raise TransientRequestError(
                 f"{self.method} {redact_url(url)} {kind}: {type(error).__name__}",
                 method=self.method,
@@ -346,25 +430,116 @@ class NetworkRequestOperator(BaseOperator):
 
     # -- internals ----------------------------------------------------------------------
 
-    def _reschedule(self, wait: RateLimitWait, *, reason: str) -> None:
+    def _wait(
+        self,
+        wait: RateLimitWait,
+        context: Context,
+        progress: _WaitProgress,
+        *,
+        url: str,
+        reason: str,
+        in_process_allowed: bool,
+        status_code: int | None = None,
+    ) -> None:
+        """Wait until ``wait.not_before``: return after a short in-process wait, else reschedule or defer.
+
+        A wait past ``max_rate_limit_wait`` or ``rate_limit_timeout`` fails the task instead.
+        """
+        now = self.clock()
+        if wait.source is not WaitSource.INITIAL_DELAY:
+            problem = wait_limit_violation(
+                wait,
+                waited_so_far=progress.waited(now),
+                max_single_wait=self.max_rate_limit_wait,
+                total_timeout=self.rate_limit_timeout,
+            )
+            if problem:
+                self.log.error("%s; rate limited, giving up: %s", reason, problem)
+                raise RateLimitExceededError(
+                    f"{self.method} {url} was rate limited"
+                    f"{f' ({status_code})' if status_code else ''} and {problem}",
+                    method=self.method,
+                    url=url,
+                    status_code=status_code,
+                    wait_seconds=wait.seconds,
+                )
+        remaining = (wait.not_before - now).total_seconds()
+        threshold = self.in_process_wait_threshold.total_seconds()
+        if in_process_allowed and remaining <= threshold:
+            mode = "in_process"
+        elif self.deferrable:
+            mode = "defer"
+        else:
+            mode = "reschedule"
         self.log.info(
-            "%s; waiting %.3fs (%s), rescheduled for %s without spending a try",
+            "%s; waiting %.3fs (%s) until %s, %s, without spending a try",
             reason,
-            wait.seconds,
+            max(remaining, 0.0),
             wait.source.value,
             wait.not_before.isoformat(),
+            {"in_process": "in-process", "defer": "deferred", "reschedule": "rescheduled"}[mode],
         )
+        events.emit(
+            WaitEvent(self.http_conn_id, url, max(remaining, 0.0), wait.source.value, mode, wait.not_before,
+                      now, _task_label(context))
+        )
+        if mode == "in_process":
+            # Sleep to the exact moment; a wake-up a hair early sleeps again.
+            for _ in range(100):
+                left = (wait.not_before - self.clock()).total_seconds()
+                if left <= 0:
+                    return
+                self.sleep(left)
+            return
+        waits_after = progress.rate_limit_waits + (0 if wait.source is WaitSource.INITIAL_DELAY else 1)
+        if mode == "defer":
+            from airflow.providers.standard.triggers.temporal import DateTimeTrigger
+
+            since = progress.waiting_since or (None if wait.source is WaitSource.INITIAL_DELAY else now)
+            self.defer(
+                trigger=DateTimeTrigger(moment=wait.not_before),
+                method_name="resume_after_wait",
+                kwargs={"rate_limit_waits": waits_after, "waiting_since": since.isoformat() if since else None},
+            )
         raise AirflowRescheduleException(wait.not_before)
 
-    def _rate_limit_time_spent(
-        self, ti: Any, context: Context, now: datetime, initial_delay: timedelta | None
-    ) -> timedelta:
-        """Time this try has spent since its first reschedule, less the initial delay."""
+    def _first_rate_limit_wait(self, ti: Any, context: Context, initial_delay: timedelta | None) -> datetime | None:
+        """When this try started waiting on rate limits (its first reschedule, past the initial delay)."""
         first = ti.get_first_reschedule_date(context)
         if first is None:
-            return timedelta(0)
-        spent = now - first - (initial_delay or timedelta(0))
-        return max(spent, timedelta(0))
+            return None
+        return first + (initial_delay or timedelta(0))
+
+    def _gate_admission(self, ticket: str) -> tuple[RateLimitWait | None, str | None]:
+        """Ask the shared gate: a wait (and why) when this task must not send yet, else ``(None, None)``."""
+        now = self.clock()
+        origin = self._origin()
+
+        def change(state: GateState) -> tuple[Admission, GateState]:
+            admission = admit(for_origin(state, origin), ticket, now=now.timestamp())
+            return admission, admission.state
+
+        admission = self.gate_store.update(self.http_conn_id, change)
+        seconds = admission.wait_seconds(now.timestamp())
+        if seconds <= 0:
+            return None, None
+        return RateLimitWait(seconds, WaitSource.SHARED_GATE, now + timedelta(seconds=seconds)), admission.reason
+
+    def _gate_observe(self, response: requests.Response, *, rate_limited_until: datetime | None) -> None:
+        if not self.shared_gate:
+            return
+        now = self.clock().timestamp()
+        until = rate_limited_until.timestamp() if rate_limited_until else None
+        headers = dict(response.headers)
+        origin = self._origin()
+        self.gate_store.update(
+            self.http_conn_id,
+            lambda state: (None, observe(for_origin(state, origin), headers, now=now, rate_limited_until=until)),
+        )
+
+    def _origin(self) -> str:
+        parts = urlsplit(self.hook.base_url)
+        return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
 
     def _read_body(self, response: requests.Response, url: str) -> None:
         """Read the streamed body into ``response.content``, stopping at ``max_response_bytes``."""

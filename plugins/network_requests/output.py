@@ -29,6 +29,9 @@ def local_path(path: str) -> Path:
     """The file system path of a plain path or a ``file://`` URI."""
     parts = urlsplit(path)
     if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            # file://data/out.json names host "data"; silently writing /out.json would surprise.
+            raise ValueError(f"{path!r}: a file:// URI needs an absolute path (file:///...), not host {parts.netloc!r}")
         return Path(unquote(parts.path))
     return Path(path)
 

@@ -67,6 +67,7 @@ class WaitSource(str, enum.Enum):
     X_RATELIMIT_RESET = "X-RateLimit-Reset"
     BACKOFF = "backoff"
     INITIAL_DELAY = "initial_delay"
+    SHARED_GATE = "shared gate"
 
 
 @dataclass(frozen=True)
@@ -102,10 +103,15 @@ class Backoff:
             except OverflowError:
                 base = MAX_HEADER_WAIT_SECONDS
         base = min(base, MAX_HEADER_WAIT_SECONDS)
-        value = base + base * max(self.jitter, 0.0) * min(max(rand(), 0.0), 1.0)
+        fraction = rand()
+        fraction = 0.0 if math.isnan(fraction) else min(max(fraction, 0.0), 1.0)
+        jitter = self.jitter if math.isfinite(self.jitter) else 0.0
+        value = base + base * max(jitter, 0.0) * fraction
+        if math.isnan(value):
+            value = base
         if self.max_delay is not None:
             value = min(value, self.max_delay.total_seconds())
-        return max(value, self.retry_delay.total_seconds(), 0.0)
+        return min(max(value, self.retry_delay.total_seconds(), 0.0), float(MAX_HEADER_WAIT_SECONDS))
 
 
 def _lower_keys(headers: Mapping[str, str]) -> dict[str, str]:
@@ -192,23 +198,56 @@ def reset_header_wait(headers: Mapping[str, str], now: datetime) -> tuple[float,
 
     Raises :class:`MalformedHeaderError` when a reset header is present but unreadable.
     """
+    found, problems = _reset_header_wait(headers, now)
+    if found is None and problems:
+        raise MalformedHeaderError("; ".join(problems))
+    return found
+
+
+def _reset_header_wait(
+    headers: Mapping[str, str], now: datetime
+) -> tuple[tuple[float, WaitSource] | None, list[str]]:
+    """The first usable reset header, and what was wrong with the unusable ones before it."""
     lowered = _lower_keys(headers)
-    if "ratelimit" in lowered:
-        remaining, reset = _parse_structured_ratelimit(lowered["ratelimit"])
-        if reset is not None and (remaining is None or remaining == 0):
-            return float(reset), WaitSource.RATELIMIT_RESET
+    problems: list[str] = []
+    # Each source on its own: a malformed one must not hide a valid one after it.
+    for read in (_structured_reset, _ratelimit_reset, _x_ratelimit_reset):
+        try:
+            found = read(lowered, now)
+        except MalformedHeaderError as error:
+            problems.append(str(error))
+            continue
+        if found is not None:
+            return found, problems
+    return None, problems
+
+
+def _structured_reset(lowered: dict[str, str], now: datetime) -> tuple[float, WaitSource] | None:
+    if "ratelimit" not in lowered:
+        return None
+    remaining, reset = _parse_structured_ratelimit(lowered["ratelimit"])
+    if reset is not None and (remaining is None or remaining == 0):
+        return float(reset), WaitSource.RATELIMIT_RESET
+    return None
+
+
+def _ratelimit_reset(lowered: dict[str, str], now: datetime) -> tuple[float, WaitSource] | None:
     if "ratelimit-reset" in lowered and _quota_exhausted(lowered.get("ratelimit-remaining")):
         return float(parse_delta_seconds(lowered["ratelimit-reset"])), WaitSource.RATELIMIT_RESET
-    if "x-ratelimit-reset" in lowered and _quota_exhausted(lowered.get("x-ratelimit-remaining")):
-        raw = lowered["x-ratelimit-reset"].strip(_OWS)
-        # Some APIs send fractional epoch seconds ("1700000000.5"); accept those here.
-        if not re.fullmatch(r"[0-9]{1,15}(\.[0-9]+)?", raw, re.ASCII):
-            raise MalformedHeaderError(f"X-RateLimit-Reset is not a number: {raw!r}")
-        number = float(raw)
-        if number < EPOCH_THRESHOLD_SECONDS:
-            return _clamp(number), WaitSource.X_RATELIMIT_RESET
-        return _clamp(number - now.timestamp()), WaitSource.X_RATELIMIT_RESET
     return None
+
+
+def _x_ratelimit_reset(lowered: dict[str, str], now: datetime) -> tuple[float, WaitSource] | None:
+    if "x-ratelimit-reset" not in lowered or not _quota_exhausted(lowered.get("x-ratelimit-remaining")):
+        return None
+    raw = lowered["x-ratelimit-reset"].strip(_OWS)
+    # Some APIs send fractional epoch seconds ("1700000000.5"); accept those here.
+    if not re.fullmatch(r"[0-9]{1,15}(\.[0-9]+)?", raw, re.ASCII):
+        raise MalformedHeaderError(f"X-RateLimit-Reset is not a number: {raw!r}")
+    number = float(raw)
+    if number < EPOCH_THRESHOLD_SECONDS:
+        return _clamp(number), WaitSource.X_RATELIMIT_RESET
+    return _clamp(number - now.timestamp()), WaitSource.X_RATELIMIT_RESET
 
 
 def server_date_of(headers: Mapping[str, str]) -> datetime | None:
@@ -285,11 +324,8 @@ def decide_rate_limit_wait(
         except MalformedHeaderError as error:
             problems.append(f"Retry-After ignored: {error}")
 
-    try:
-        found = reset_header_wait(headers, now)
-    except MalformedHeaderError as error:
-        problems.append(f"reset header ignored: {error}")
-        found = None
+    found, reset_problems = _reset_header_wait(headers, now)
+    problems.extend(f"reset header ignored: {problem}" for problem in reset_problems)
     if found is not None:
         return _wait(found[0], found[1], now, "; ".join(problems) or None)
 

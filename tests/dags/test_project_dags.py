@@ -44,9 +44,12 @@ def test_periodic_dag_waits_out_the_rate_limit_and_saves_every_endpoint(demo_api
     assert len(fetches) == 6
     assert all(task.state == "success" for task in fetches)
     assert all(task.try_number == 1 for task in fetches), "rate limits must not spend retries"
-    assert sum(task.reschedules for task in fetches) >= 1, "the demo API's limit should have been hit"
+    reschedules = sum(task.reschedules for task in fetches)
+    assert reschedules >= 1, "six requests at once exceed the demo API's burst of 2: some must wait"
     served = demo_api.stats.snapshot()
-    assert served["responses_429"] == sum(task.reschedules for task in fetches), "one reschedule per 429"
+    # The shared gate reads RateLimit-Remaining: 0 and holds the others back before a 429;
+    # every 429 that still happens is waited out by a reschedule.
+    assert served["responses_429"] <= reschedules
     assert served["responses_2xx"] == 6, "each endpoint fetched exactly once"
     for task in fetches:
         saved = Path(task.xcom["path"])

@@ -1,0 +1,346 @@
+"""The shared rate-limit gate: one schedule of send times per connection, pure and serialisable.
+
+When one task learns that the API is blocked until T (a ``Retry-After``, or a reset header
+while the remaining quota is 0, which lets us stop *before* the 429), every other task of
+the same connection waits for T without sending. While the API is throttled, the gate hands
+out send times one by one, so tasks that wake at T don't all send at once and get refused
+again:
+
+- **pacing**: when the server states its average rate (``RateLimit-Policy: 5;w=5`` is 5
+  requests per 5 s), the slots after the quota is spent are spaced ``w / q`` seconds apart;
+  evenly spaced sends stay within a token bucket and within any fixed window;
+- **windows**: when the server only states a quota and when it resets (GitHub's
+  ``X-RateLimit-Limit/Remaining/Reset``), up to ``limit`` tasks get the reset time itself,
+  and the rest wait for the window after.
+
+Each task holds a *ticket* (its task-instance key). A task that comes back at its time
+sends only if the gate has not been closed further meanwhile; otherwise it is given a new
+time. Every function here takes ``now`` (epoch seconds) and returns a new state: the
+storage and locking live in :mod:`network_requests.gate_store`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+
+from network_requests.rate_limit import (
+    EPOCH_THRESHOLD_SECONDS,
+    MAX_HEADER_WAIT_SECONDS,
+    MalformedHeaderError,
+    parse_delta_seconds,
+)
+
+#: A state untouched for this long after its last time has passed is forgotten.
+STATE_TTL_SECONDS = 300.0
+#: Tickets left by tasks that never came back (killed, cleared) are dropped after this.
+TICKET_TTL_SECONDS = 3600.0
+#: Upper bound on tickets kept, so a runaway backlog cannot grow the stored state forever.
+MAX_TICKETS = 5000
+#: When neither pacing nor a window is known, a woken task re-checks after this long.
+RECHECK_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class Quota:
+    """What one response said about the quota; ``None`` for anything it did not say."""
+
+    limit: int | None = None
+    remaining: int | None = None
+    reset_at: float | None = None  # epoch seconds
+    interval: float | None = None  # seconds per request on average (from RateLimit-Policy)
+
+
+@dataclass(frozen=True)
+class GateState:
+    """The gate of one connection. Times are epoch seconds."""
+
+    #: No request may be sent before this: the latest time a server asked us to wait until.
+    blocked_until: float = 0.0
+    #: Requests the server said are left, less those handed out since.
+    remaining: int | None = None
+    #: When the quota refills (window end, or next token).
+    reset_at: float | None = None
+    limit: int | None = None
+    #: Seconds between requests while throttled, when the server told us its rate.
+    interval: float | None = None
+    #: Next free send time when pacing.
+    next_slot: float = 0.0
+    #: Send times handed out in the window opening at ``reset_at`` (window mode).
+    next_window_taken: int = 0
+    #: ticket -> send time handed to that task.
+    tickets: dict[str, float] = field(default_factory=dict)
+    updated_at: float = 0.0
+    #: The API (scheme://host:port) this state is about: a Connection pointed elsewhere starts afresh.
+    origin: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, raw: str | None) -> GateState:
+        """Read a stored state; anything unreadable is a fresh gate (never an error)."""
+        if not raw:
+            return cls()
+        try:
+            data = json.loads(raw)
+            tickets = {str(k): float(v) for k, v in dict(data.get("tickets") or {}).items()}
+            return cls(
+                blocked_until=float(data.get("blocked_until") or 0.0),
+                remaining=_optional_int(data.get("remaining")),
+                reset_at=_optional_float(data.get("reset_at")),
+                limit=_optional_int(data.get("limit")),
+                interval=_optional_float(data.get("interval")),
+                next_slot=float(data.get("next_slot") or 0.0),
+                next_window_taken=int(data.get("next_window_taken") or 0),
+                tickets=tickets,
+                updated_at=float(data.get("updated_at") or 0.0),
+                origin=str(data.get("origin") or ""),
+            )
+        except (TypeError, ValueError, AttributeError):
+            return cls()
+
+    @property
+    def horizon(self) -> float:
+        """The latest time the state still says anything about."""
+        times = [self.blocked_until, self.next_slot, self.reset_at or 0.0, *self.tickets.values()]
+        return max(times)
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The gate's answer to a task that wants to send."""
+
+    #: Epoch seconds at which the task may send; ``<= now`` means send now.
+    send_at: float
+    #: Why it must wait (for the log), or ``None`` when it may send now.
+    reason: str | None
+    #: The state to store.
+    state: GateState
+
+    def wait_seconds(self, now: float) -> float:
+        return max(self.send_at - now, 0.0)
+
+
+def for_origin(state: GateState, origin: str) -> GateState:
+    """The state if it is about ``origin``, else a fresh one: what another API said does not apply."""
+    return state if state.origin == origin else GateState(origin=origin)
+
+
+def _optional_int(value: object) -> int | None:
+    return None if value is None else int(value)  # type: ignore[call-overload]
+
+
+def _optional_float(value: object) -> float | None:
+    return None if value is None else float(value)  # type: ignore[arg-type]
+
+
+def _lower(headers: Mapping[str, str]) -> dict[str, str]:
+    return {str(k).lower(): str(v) for k, v in headers.items()}
+
+
+def _first_int(raw: str | None) -> int | None:
+    if raw is None:
+        return None
+    try:
+        return parse_delta_seconds(raw.split(",")[0])
+    except MalformedHeaderError:
+        return None
+
+
+def _policy_interval(raw: str | None) -> float | None:
+    """Seconds per request from ``RateLimit-Policy`` (``5;w=5`` or ``"default";q=5;w=5``).
+
+    With several policies the slowest one wins.
+    """
+    if not raw:
+        return None
+    slowest: float | None = None
+    for item in raw.split(","):
+        parts = [part.strip() for part in item.split(";")]
+        quota = window = None
+        head = parts[0].strip('"')
+        if re.fullmatch(r"[0-9]+", head, re.ASCII):
+            quota = int(head)
+        for parameter in parts[1:]:
+            name, _, value = parameter.partition("=")
+            name = name.strip().lower()
+            if not re.fullmatch(r"[0-9]+", value.strip(), re.ASCII):
+                continue
+            if name == "q":
+                quota = int(value)
+            elif name == "w":
+                window = int(value)
+        if quota and window:
+            interval = window / quota
+            slowest = interval if slowest is None else max(slowest, interval)
+    return slowest
+
+
+def read_quota(headers: Mapping[str, str], now: float) -> Quota:
+    """What a response says about the quota, from ``RateLimit-*`` or ``X-RateLimit-*`` headers."""
+    lowered = _lower(headers)
+    interval = _policy_interval(lowered.get("ratelimit-policy"))
+    if "ratelimit-remaining" in lowered or "ratelimit-reset" in lowered:
+        reset = _first_int(lowered.get("ratelimit-reset"))
+        return Quota(
+            limit=_first_int(lowered.get("ratelimit-limit")),
+            remaining=_first_int(lowered.get("ratelimit-remaining")),
+            reset_at=None if reset is None else now + reset,
+            interval=interval,
+        )
+    if "x-ratelimit-remaining" in lowered or "x-ratelimit-reset" in lowered:
+        raw_reset = lowered.get("x-ratelimit-reset", "").strip()
+        reset_at = None
+        if re.fullmatch(r"[0-9]{1,15}(\.[0-9]+)?", raw_reset, re.ASCII):
+            value = float(raw_reset)
+            reset_at = now + value if value < EPOCH_THRESHOLD_SECONDS else value
+        return Quota(
+            limit=_first_int(lowered.get("x-ratelimit-limit")),
+            remaining=_first_int(lowered.get("x-ratelimit-remaining")),
+            reset_at=reset_at,
+            interval=interval,
+        )
+    return Quota(interval=interval)
+
+
+def _expire(state: GateState, now: float) -> GateState:
+    """Forget what no longer matters: stale tickets, and the whole state once long past."""
+    if state.updated_at and now > state.horizon + STATE_TTL_SECONDS:
+        return GateState(interval=state.interval, origin=state.origin)
+    tickets = {k: v for k, v in state.tickets.items() if v > now - TICKET_TTL_SECONDS}
+    if len(tickets) > MAX_TICKETS:
+        tickets = dict(sorted(tickets.items(), key=lambda item: item[1])[-MAX_TICKETS:])
+    state = replace(state, tickets=tickets)
+    if state.reset_at is not None and now >= state.reset_at:
+        # The window the state described is over. With a known rate, keep pacing until a
+        # response says otherwise (a token bucket refills one token at a time). Without
+        # one, assume a fixed window: the full quota is back, less the send times already
+        # handed out for it.
+        if state.interval:
+            fresh_remaining = state.remaining
+        elif state.limit is None:
+            fresh_remaining = None
+        else:
+            fresh_remaining = max(state.limit - state.next_window_taken, 0)
+        state = replace(state, reset_at=None, remaining=fresh_remaining, next_window_taken=0)
+    return state
+
+
+def observe(
+    state: GateState,
+    headers: Mapping[str, str],
+    *,
+    now: float,
+    rate_limited_until: float | None = None,
+) -> GateState:
+    """Update the gate from a response; ``rate_limited_until`` is the wait a refused response asked.
+
+    ``blocked_until`` only ever moves later: two tasks reporting at once can't shorten a block.
+    """
+    state = _expire(state, now)
+    quota = read_quota(headers, now)
+    blocked_until = state.blocked_until
+    same_window = (
+        quota.reset_at is not None and state.reset_at is not None and abs(quota.reset_at - state.reset_at) <= 1.0
+    )
+    if quota.remaining is None:
+        remaining = state.remaining
+    else:
+        # The server's count does not know the send times we have already handed out
+        # for this window: those tasks will spend quota too.
+        window_end = quota.reset_at if quota.reset_at is not None else float("inf")
+        promised = sum(1 for send_at in state.tickets.values() if send_at < window_end)
+        remaining = max(quota.remaining - promised, 0)
+        if same_window and state.remaining is not None:
+            # Within one window the quota only shrinks.
+            remaining = min(state.remaining, remaining)
+    reset_at = quota.reset_at if quota.reset_at is not None else state.reset_at
+    if rate_limited_until is not None:
+        blocked_until = max(blocked_until, min(rate_limited_until, now + MAX_HEADER_WAIT_SECONDS))
+    if remaining == 0 and reset_at is not None and reset_at > now:
+        # Quota spent: stop before the server has to say 429.
+        blocked_until = max(blocked_until, reset_at)
+    next_window_taken = state.next_window_taken
+    if quota.reset_at is not None and state.reset_at is not None and not same_window:
+        next_window_taken = 0
+    return replace(
+        state,
+        blocked_until=blocked_until,
+        remaining=remaining,
+        reset_at=reset_at,
+        limit=quota.limit if quota.limit is not None else state.limit,
+        interval=quota.interval if quota.interval is not None else state.interval,
+        next_window_taken=next_window_taken,
+        updated_at=now,
+    )
+
+
+def admit(state: GateState, ticket: str, *, now: float) -> Admission:
+    """May the task holding ``ticket`` send now? If not, when?
+
+    A task is given one send time and keeps it: coming back at that time it sends, unless
+    the gate was closed past it meanwhile (a 429 elsewhere), in which case it queues again.
+    """
+    state = _expire(state, now)
+    held = state.tickets.get(ticket)
+    if held is not None:
+        if held <= now and state.blocked_until <= now:
+            return Admission(send_at=now, reason=None, state=_release(state, ticket, now))
+        if state.blocked_until <= held:
+            return Admission(send_at=held, reason="waiting for its turn at the shared gate", state=state)
+        # The gate closed past our time: queue again from blocked_until.
+        state = _release(state, ticket, now)
+
+    start = max(now, state.blocked_until)
+    if state.remaining is None or state.remaining > 0:
+        remaining = None if state.remaining is None else state.remaining - 1
+        pacing_floor = max(state.next_slot, start)
+        state = replace(state, remaining=remaining, next_slot=pacing_floor, updated_at=now)
+        return _at(state, ticket, start, now, "the API is blocked (shared gate)")
+
+    if state.interval:
+        slot = max(start, state.next_slot)
+        state = replace(state, next_slot=slot + state.interval, updated_at=now)
+        return _at(state, ticket, slot, now, "pacing to the API's rate (shared gate)")
+
+    if state.reset_at is not None and state.limit:
+        if state.next_window_taken < state.limit:
+            slot = max(start, state.reset_at)
+            state = replace(state, next_window_taken=state.next_window_taken + 1, updated_at=now)
+            return _at(state, ticket, slot, now, "quota spent, waiting for the window to reset (shared gate)")
+        # This window's quota is handed out too; look again once it has opened.
+        return _recheck(state, ticket, max(start, state.reset_at) + RECHECK_SECONDS, now)
+
+    # Quota reported spent but no reset time or rate: only the block is known; past it,
+    # let the server say what comes next.
+    return _at(state, ticket, start, now, "the API is blocked (shared gate)")
+
+
+def _at(state: GateState, ticket: str, send_at: float, now: float, reason: str) -> Admission:
+    if send_at <= now:
+        return Admission(send_at=now, reason=None, state=state)
+    tickets = {**state.tickets, ticket: send_at}
+    return Admission(send_at=send_at, reason=reason, state=replace(state, tickets=tickets))
+
+
+def _recheck(state: GateState, ticket: str, when: float, now: float) -> Admission:
+    # No ticket: the task comes back and asks again, without a send time promised.
+    tickets = {k: v for k, v in state.tickets.items() if k != ticket}
+    return Admission(
+        send_at=when,
+        reason="quota spent; checking the shared gate again",
+        state=replace(state, tickets=tickets, updated_at=now),
+    )
+
+
+def _release(state: GateState, ticket: str, now: float) -> GateState:
+    tickets = {k: v for k, v in state.tickets.items() if k != ticket}
+    return replace(state, tickets=tickets, updated_at=now)
+
+
+def is_open(state: GateState, now: float) -> bool:
+    """Would a task with no ticket be let through right now? (For the UI and logs.)"""
+    return admit(state, "__probe__", now=now).send_at <= now

@@ -1,0 +1,339 @@
+"""Which endpoints a task may request (network_requests.endpoints): no SSRF through a trigger form.
+
+``validate_endpoint`` is the last gate before a request; ``ENDPOINT_PARAM_PATTERN`` refuses
+the same values earlier, when a run is triggered, through the trigger form's JSON schema.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import unquote, urljoin, urlsplit
+
+import jsonschema
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from network_requests.endpoints import (
+    ENDPOINT_PARAM_PATTERN,
+    UnsafeEndpointError,
+    redact_url,
+    same_origin,
+    validate_endpoint,
+)
+
+BASE_URL = "http://api.internal:8080"
+ENDPOINT_SCHEMA = {"type": "string", "pattern": ENDPOINT_PARAM_PATTERN}
+
+PROPERTY_SETTINGS = settings(
+    max_examples=400, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
+
+SAFE_ENDPOINTS = [
+    "/api/users",
+    "/api/items/42?fields=a,b",
+    "/.well-known/x",
+    "/a/b..c",
+    "/a/...",
+    "/a/..b/c",
+    "/a/.b",
+    "/",
+    "/api/v1/users?page=2&size=10",
+    "/api/users/",
+    "/~user/files",
+    "/a%20b",
+    "/search?q=a:b",
+    "/search?q=..",
+    "/items;v=2",
+    "/a//b",
+]
+#: Relative endpoints: safe for validate_endpoint (HttpHook adds the '/'), but the
+#: trigger form's pattern asks for a leading '/'.
+RELATIVE_ENDPOINTS = ["api/users", "api/items/42?fields=a,b", ""]
+
+UNSAFE_ENDPOINTS = [
+    # (endpoint, what the message must say)
+    pytest.param("http://evil.example/x", "full URL", id="http-url"),
+    pytest.param("https://api.internal:8080/x", "full URL", id="https-url-to-the-same-host"),
+    pytest.param("HTTP://evil.example", "full URL", id="upper-case-scheme"),
+    pytest.param("javascript:alert(1)", "full URL", id="javascript-scheme"),
+    pytest.param("file:///etc/passwd", "full URL", id="file-scheme"),
+    pytest.param("gopher:evil", "full URL", id="opaque-scheme"),
+    pytest.param("localhost:8080/x", "full URL", id="host-and-port"),
+    pytest.param("/redirect?to=http://evil.example", "full URL", id="url-in-the-query"),
+    pytest.param("//evil.example/x", "protocol-relative", id="protocol-relative"),
+    pytest.param("//evil.example", "protocol-relative", id="protocol-relative-no-path"),
+    pytest.param("///evil.example", "protocol-relative", id="three-slashes"),
+    pytest.param("/a@evil.example", "'@'", id="at-sign"),
+    pytest.param("@evil.example/x", "'@'", id="leading-at-sign"),
+    pytest.param("/api?user=me@example.com", "'@'", id="at-sign-in-query"),
+    pytest.param("\\\\evil.example\\x", "backslash", id="unc-path"),
+    pytest.param("/\\evil.example", "backslash", id="slash-backslash"),
+    pytest.param("/a\\..\\b", "backslash", id="backslash-dot-segments"),
+    pytest.param("/a\r\nX-Injected: 1", "control characters", id="crlf-header-injection"),
+    pytest.param("/a\n", "control characters", id="trailing-newline"),
+    pytest.param("/a\rb", "control characters", id="carriage-return"),
+    pytest.param("/a\tb", "control characters", id="tab"),
+    pytest.param("/a\x00b", "control characters", id="nul"),
+    pytest.param("/a\x7f", "control characters", id="delete"),
+    pytest.param("/../etc/passwd", "'..' or '.' path segment", id="dot-dot-leading"),
+    pytest.param("/a/../b", "'..' or '.' path segment", id="dot-dot-inner"),
+    pytest.param("/a/..", "'..' or '.' path segment", id="dot-dot-trailing"),
+    pytest.param("/a/..?x=1", "'..' or '.' path segment", id="dot-dot-before-query"),
+    pytest.param("..", "'..' or '.' path segment", id="bare-dot-dot"),
+    pytest.param("../x", "'..' or '.' path segment", id="relative-dot-dot"),
+    pytest.param(".", "'..' or '.' path segment", id="bare-dot"),
+    pytest.param("/a/./b", "'..' or '.' path segment", id="dot-inner"),
+    pytest.param("/a/.", "'..' or '.' path segment", id="dot-trailing"),
+    pytest.param("./a", "'..' or '.' path segment", id="relative-dot"),
+    pytest.param("/%2e%2e/admin", "'..' or '.' path segment", id="percent-encoded-dot-dot"),
+    pytest.param("/%2E%2E/admin", "'..' or '.' path segment", id="percent-encoded-dot-dot-upper"),
+    pytest.param("/.%2e/admin", "'..' or '.' path segment", id="half-encoded-dot-dot"),
+    pytest.param("/a/%2e", "'..' or '.' path segment", id="percent-encoded-dot"),
+    pytest.param("/%252e%252e/admin", "'..' or '.' path segment", id="double-encoded-dot-dot"),
+    pytest.param("/%252E%252E/admin", "'..' or '.' path segment", id="double-encoded-dot-dot-upper"),
+    pytest.param("/%5c..%5cadmin", "'..' or '.' path segment", id="encoded-backslash-dot-dot"),
+    pytest.param("/%2f%2fevil.example", "hides a host", id="percent-encoded-double-slash"),
+    pytest.param("/%252f%252fevil.example", "hides a host", id="double-encoded-double-slash"),
+    pytest.param("/%40evil.example", "hides a host or '@'", id="percent-encoded-at-sign"),
+    pytest.param("/a%5cb", "hides a host or '@'", id="percent-encoded-backslash"),
+    pytest.param("/a b", "not allowed in a URL path", id="space"),
+    pytest.param("/a<script>", "not allowed in a URL path", id="angle-brackets"),
+    pytest.param("/a#fragment", "not allowed in a URL path", id="fragment"),
+    pytest.param("/caf\N{LATIN SMALL LETTER E WITH ACUTE}", "not allowed in a URL path", id="non-ascii"),
+    pytest.param("/a\N{FULLWIDTH SOLIDUS}b", "not allowed in a URL path", id="fullwidth-slash"),
+    pytest.param('/a"b', "not allowed in a URL path", id="double-quote"),
+]
+
+
+@pytest.mark.parametrize("endpoint", SAFE_ENDPOINTS + RELATIVE_ENDPOINTS)
+def test_validate_endpoint_accepts_a_path_on_the_connection(endpoint):
+    assert validate_endpoint(endpoint) == endpoint
+
+
+@pytest.mark.parametrize(("endpoint", "message"), UNSAFE_ENDPOINTS)
+def test_validate_endpoint_refuses_and_says_what_is_wrong(endpoint, message):
+    with pytest.raises(UnsafeEndpointError) as raised:
+        validate_endpoint(endpoint)
+    assert message in str(raised.value)
+    assert repr(endpoint) in str(raised.value)
+
+
+def test_a_full_url_message_shows_what_to_give_instead():
+    with pytest.raises(UnsafeEndpointError, match=r"give a path on the Connection's host, like '/api/users'"):
+        validate_endpoint("https://evil.example/api/users")
+
+
+@pytest.mark.parametrize("endpoint", [None, b"/api/users", 42, ["/api"]])
+def test_validate_endpoint_refuses_what_is_not_a_string(endpoint):
+    with pytest.raises(UnsafeEndpointError, match=f"must be a string, got {type(endpoint).__name__}"):
+        validate_endpoint(endpoint)
+
+
+def test_an_unsafe_endpoint_error_is_a_value_error():
+    assert issubclass(UnsafeEndpointError, ValueError)
+
+
+# -- The trigger form's JSON-schema pattern -------------------------------------------------------
+
+
+def schema_accepts(endpoint: str) -> bool:
+    try:
+        jsonschema.validate(endpoint, ENDPOINT_SCHEMA)
+    except jsonschema.ValidationError:
+        return False
+    return True
+
+
+def test_the_endpoint_pattern_is_a_valid_json_schema():
+    jsonschema.Draft202012Validator.check_schema(ENDPOINT_SCHEMA)
+    jsonschema.Draft7Validator.check_schema(ENDPOINT_SCHEMA)
+
+
+@pytest.mark.parametrize("endpoint", SAFE_ENDPOINTS)
+def test_the_endpoint_schema_accepts_a_path_on_the_connection(endpoint):
+    assert schema_accepts(endpoint)
+
+
+@pytest.mark.parametrize("endpoint", RELATIVE_ENDPOINTS)
+def test_the_endpoint_schema_asks_for_a_leading_slash(endpoint):
+    assert not schema_accepts(endpoint)
+
+
+def _pattern_cases():
+    for case in UNSAFE_ENDPOINTS:
+        endpoint, _ = case.values
+        yield pytest.param(endpoint, id=case.id)
+
+
+@pytest.mark.parametrize("endpoint", list(_pattern_cases()))
+def test_the_endpoint_schema_refuses_what_validate_endpoint_refuses(endpoint):
+    assert not schema_accepts(endpoint)
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        pytest.param("/a\n", id="trailing-newline-which-dollar-alone-would-let-through"),
+        pytest.param("/a\r", id="trailing-carriage-return"),
+        pytest.param("/a\n/b", id="inner-newline"),
+        pytest.param("/a%2Fb", id="percent-encoded-slash"),
+        pytest.param("/a%2fb", id="percent-encoded-slash-lower"),
+        pytest.param("/a%5Cb", id="percent-encoded-backslash"),
+        pytest.param("/a?x=/../", id="dot-dot-in-the-query"),
+        pytest.param("/a/..?", id="dot-dot-before-empty-query"),
+        pytest.param("", id="empty"),
+    ],
+)
+def test_the_endpoint_schema_refuses_more_than_validate_endpoint_where_it_is_cheap(endpoint):
+    assert not schema_accepts(endpoint)
+
+
+def test_the_endpoint_pattern_is_anchored_for_pythons_re_search_as_jsonschema_uses_it():
+    assert ENDPOINT_PARAM_PATTERN.startswith("^")
+    assert ENDPOINT_PARAM_PATTERN.endswith("$")
+    assert re.search(ENDPOINT_PARAM_PATTERN, "/api/users")
+    assert not re.search(ENDPOINT_PARAM_PATTERN, "x/api/users")
+
+
+# -- same_origin and redact_url ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://api.internal:8080/api/users",
+        "http://api.internal:8080",
+        "http://API.Internal:8080/x?y=1#z",
+        "HTTP://api.internal:8080/x",
+        "http://user:secret@api.internal:8080/x",
+    ],
+)
+def test_same_origin_holds_for_the_base_urls_scheme_host_and_port(url):
+    assert same_origin(url, BASE_URL)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        pytest.param("https://api.internal:8080/x", id="other-scheme"),
+        pytest.param("http://evil.example:8080/x", id="other-host"),
+        pytest.param("http://api.internal:8081/x", id="other-port"),
+        pytest.param("http://api.internal/x", id="default-port-is-not-assumed"),
+        pytest.param("http://api.internal.evil.example:8080/x", id="host-as-prefix"),
+        pytest.param("http://api.internal:8080@evil.example/x", id="host-hidden-in-userinfo"),
+        pytest.param("//api.internal:8080/x", id="no-scheme"),
+        pytest.param("/api/users", id="only-a-path"),
+    ],
+)
+def test_same_origin_refuses_another_scheme_host_or_port(url):
+    assert not same_origin(url, BASE_URL)
+
+
+def test_same_origin_compares_ipv6_hosts():
+    assert same_origin("http://[::1]:8080/x", "http://[::1]:8080")
+    assert not same_origin("http://[::2]:8080/x", "http://[::1]:8080")
+
+
+@pytest.mark.parametrize("url", ["http://api.internal:99999/x", "http://api.internal:port/x"])
+def test_same_origin_refuses_a_url_with_an_unreadable_port_instead_of_raising(url):
+    assert not same_origin(url, BASE_URL)
+
+
+@pytest.mark.parametrize(
+    ("url", "redacted"),
+    [
+        ("https://user:secret@api.example.com/x?q=1", "https://api.example.com/x?q=1"),
+        ("http://user@api.example.com:8080/p", "http://api.example.com:8080/p"),
+        ("http://:secret@api.example.com/", "http://api.example.com/"),
+        ("http://user:secret@[::1]:8080/x", "http://[::1]:8080/x"),
+        ("http://user:secret@[2001:db8::1]/x", "http://[2001:db8::1]/x"),
+        ("http://user:p%40ss@api.example.com/x#frag", "http://api.example.com/x#frag"),
+        ("http://user:p@ss@api.example.com/x", "http://api.example.com/x"),
+    ],
+)
+def test_redact_url_removes_user_info(url, redacted):
+    assert redact_url(url) == redacted
+    assert "secret" not in redact_url(url)
+
+
+def test_redact_url_never_raises_and_still_removes_the_password_when_the_port_is_unreadable():
+    redacted = redact_url("http://user:secret@api.example.com:99999/x")
+    assert "secret" not in redacted
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://api.example.com/x?q=1", "http://[::1]:8080/x", "https://API.example.com", "/api/users", ""],
+)
+def test_redact_url_leaves_a_url_without_user_info_unchanged(url):
+    assert redact_url(url) == url
+
+
+# -- Properties ----------------------------------------------------------------------------------
+
+TOKENS = [
+    "/", "//", ".", "..", "%2e", "%2E", "%252e", "%25", "%2f", "%2F", "%5c", "%40", "%0d%0a",
+    "@", "\\", ":", "?", "#", "&", "=", "http:", "https://", "javascript:", "a", "api", "evil.example",
+    "8080", "\r", "\n", "\t", " ", "%", "~", "\N{LATIN SMALL LETTER E WITH ACUTE}", "\N{FULLWIDTH SOLIDUS}",
+]  # fmt: skip
+endpoints = st.one_of(
+    st.text(max_size=30),
+    st.lists(st.sampled_from(TOKENS), max_size=10).map("".join),
+    st.from_regex(ENDPOINT_PARAM_PATTERN, fullmatch=True),
+)
+
+
+def join_like_http_hook(base: str, endpoint: str) -> str:
+    return base + endpoint if endpoint.startswith("/") else base + "/" + endpoint
+
+
+def dot_segments(path: str) -> list[str]:
+    return [segment for segment in re.split(r"[/\\]", path) if segment in (".", "..")]
+
+
+def assert_stays_on_the_connection(endpoint: str) -> None:
+    url = join_like_http_hook(BASE_URL, endpoint)
+    parts = urlsplit(url)
+    assert (parts.scheme, parts.hostname, parts.port) == ("http", "api.internal", 8080)
+    assert same_origin(url, BASE_URL)
+    # Resolved as a browser or requests' redirect handling would, it stays on the host too.
+    resolved = urlsplit(urljoin(BASE_URL + "/", endpoint))
+    assert (resolved.hostname, resolved.port) == ("api.internal", 8080)
+    # No way out of the base path, as sent, once decoded, or twice decoded.
+    for path in (parts.path, unquote(parts.path), unquote(unquote(parts.path))):
+        assert not dot_segments(path)
+    assert not re.search(r"[\x00-\x20\x7f]", url)
+
+
+@PROPERTY_SETTINGS
+@given(endpoint=endpoints)
+def test_any_endpoint_validate_endpoint_accepts_stays_on_the_connections_host(endpoint):
+    try:
+        checked = validate_endpoint(endpoint)
+    except UnsafeEndpointError:
+        return
+    assert checked == endpoint
+    assert_stays_on_the_connection(checked)
+
+
+@PROPERTY_SETTINGS
+@given(endpoint=endpoints)
+def test_any_endpoint_the_schema_accepts_stays_on_the_connections_host_as_sent(endpoint):
+    if not schema_accepts(endpoint):
+        return
+    url = join_like_http_hook(BASE_URL, endpoint)
+    parts = urlsplit(url)
+    assert (parts.hostname, parts.port) == ("api.internal", 8080)
+    assert not dot_segments(parts.path)
+    assert not dot_segments(unquote(parts.path))
+    assert "\n" not in endpoint and "\r" not in endpoint
+
+
+@PROPERTY_SETTINGS
+@given(endpoint=endpoints)
+def test_validate_endpoint_raises_nothing_but_unsafe_endpoint_error(endpoint):
+    try:
+        validate_endpoint(endpoint)
+    except UnsafeEndpointError as error:
+        assert str(error)

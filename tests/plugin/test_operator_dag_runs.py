@@ -212,3 +212,62 @@ def test_output_path_writes_the_body_and_returns_where(request, scripted_api, tm
     assert task.xcom["status_code"] == 200
     assert task.xcom["bytes"] == target.stat().st_size
     assert list(target.parent.iterdir()) == [target], "no temporary file left behind"
+
+
+def test_deferrable_wait_resumes_after_retry_after_without_spending_a_try(request, scripted_api):
+    scripted_api.script(ScriptedResponse.too_many_requests(retry_after=2), ScriptedResponse(body={"ok": True}))
+
+    result = run_operator(request, scripted_api.base_url, "endpoint='/api/users', deferrable=True")
+
+    task = result.task("request")
+    assert task.state == "success"
+    assert task.try_number == 1
+    assert task.reschedules == 0, "deferred, not rescheduled"
+    assert scripted_api.request_count == 2
+    assert scripted_api.gaps()[0] >= 2.0
+
+
+def test_short_wait_happens_in_process_under_the_threshold(request, scripted_api):
+    scripted_api.script(ScriptedResponse.too_many_requests(retry_after=1), ScriptedResponse(body={"ok": True}))
+
+    result = run_operator(request, scripted_api.base_url, "endpoint='/api/users', in_process_wait_threshold=2")
+
+    task = result.task("request")
+    assert task.state == "success"
+    assert task.reschedules == 0, "a 1 s wait under a 2 s threshold is slept in the running task"
+    assert scripted_api.gaps()[0] >= 1.0
+
+
+def test_shared_gate_holds_other_tasks_back_without_sending(request, scripted_api):
+    """The first task to send learns the API is blocked for 3 s; the other two wait without sending."""
+    scripted_api.default_response = ScriptedResponse(body={"ok": True})
+    scripted_api.script(ScriptedResponse.too_many_requests(retry_after=3))
+    dag_id = request.node.name
+    set_connection(scripted_api.base_url)
+    source = f'''
+from datetime import timedelta
+import pendulum
+from airflow.sdk import DAG
+from network_requests import NetworkRequestOperator
+
+with DAG(dag_id={dag_id!r}, schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+         default_args={{"retries": 0}}) as dag:
+    NetworkRequestOperator(task_id="a", endpoint="/a")
+    NetworkRequestOperator(task_id="b", endpoint="/b")
+    NetworkRequestOperator(task_id="c", endpoint="/c")
+'''
+    path = write_dag_file(TEST_DAGS_DIR, dag_id, source)
+    started = time.time()
+
+    result = run_dag(path, dag_id)
+
+    assert {key[0]: task.state for key, task in result.tasks.items()} == {"a": "success", "b": "success", "c": "success"}
+    refused = scripted_api.requests[0]
+    others = [task_id for task_id in "abc" if f"/{task_id}" != refused.path]
+    assert all(result.task(task_id).reschedules >= 1 for task_id in others), "the others waited at the gate"
+    blocked_until = refused.received_at + 3
+    assert all(r.received_at >= blocked_until for r in scripted_api.requests[1:]), "nobody sent before the block ended"
+    assert sorted(r.path for r in scripted_api.requests) == sorted(["/a", "/b", "/c", refused.path]), (
+        "the refused task sent twice, the others once each, after the block"
+    )
+    assert time.time() - started >= 3

@@ -22,9 +22,10 @@ storage and locking live in :mod:`network_requests.gate_store`.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 from network_requests.rate_limit import (
     EPOCH_THRESHOLD_SECONDS,
@@ -77,7 +78,9 @@ class GateState:
     origin: str = ""
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        # A shallow dict: asdict() deep-copies every ticket, which adds up at thousands.
+        fields = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        return json.dumps(fields, sort_keys=True)
 
     @classmethod
     def from_json(cls, raw: str | None) -> GateState:
@@ -86,26 +89,26 @@ class GateState:
             return cls()
         try:
             data = json.loads(raw)
-            tickets = {str(k): float(v) for k, v in dict(data.get("tickets") or {}).items()}
+            tickets = {str(k): _finite(v) for k, v in dict(data.get("tickets") or {}).items()}
             return cls(
-                blocked_until=float(data.get("blocked_until") or 0.0),
+                blocked_until=_finite(data.get("blocked_until") or 0.0),
                 remaining=_optional_int(data.get("remaining")),
                 reset_at=_optional_float(data.get("reset_at")),
                 limit=_optional_int(data.get("limit")),
                 interval=_optional_float(data.get("interval")),
-                next_slot=float(data.get("next_slot") or 0.0),
+                next_slot=_finite(data.get("next_slot") or 0.0),
                 next_window_taken=int(data.get("next_window_taken") or 0),
                 tickets=tickets,
-                updated_at=float(data.get("updated_at") or 0.0),
+                updated_at=_finite(data.get("updated_at") or 0.0),
                 origin=str(data.get("origin") or ""),
             )
-        except (TypeError, ValueError, AttributeError):
+        except (TypeError, ValueError, AttributeError, OverflowError):
             return cls()
 
     @property
     def horizon(self) -> float:
         """The latest time the state still says anything about."""
-        times = [self.blocked_until, self.next_slot, self.reset_at or 0.0, *self.tickets.values()]
+        times = [self.updated_at, self.blocked_until, self.next_slot, self.reset_at or 0.0, *self.tickets.values()]
         return max(times)
 
 
@@ -134,7 +137,14 @@ def _optional_int(value: object) -> int | None:
 
 
 def _optional_float(value: object) -> float | None:
-    return None if value is None else float(value)  # type: ignore[arg-type]
+    return None if value is None else _finite(value)
+
+
+def _finite(value: object) -> float:
+    number = float(value)  # type: ignore[arg-type]
+    if not math.isfinite(number):
+        raise ValueError(f"not a finite number: {value!r}")
+    return number
 
 
 def _lower(headers: Mapping[str, str]) -> dict[str, str]:
@@ -162,19 +172,19 @@ def _policy_interval(raw: str | None) -> float | None:
         parts = [part.strip() for part in item.split(";")]
         quota = window = None
         head = parts[0].strip('"')
-        if re.fullmatch(r"[0-9]+", head, re.ASCII):
+        if re.fullmatch(r"[0-9]{1,12}", head, re.ASCII):
             quota = int(head)
         for parameter in parts[1:]:
             name, _, value = parameter.partition("=")
             name = name.strip().lower()
-            if not re.fullmatch(r"[0-9]+", value.strip(), re.ASCII):
+            if not re.fullmatch(r"[0-9]{1,12}", value.strip(), re.ASCII):
                 continue
             if name == "q":
                 quota = int(value)
             elif name == "w":
                 window = int(value)
         if quota and window:
-            interval = window / quota
+            interval = min(window / quota, float(MAX_HEADER_WAIT_SECONDS))
             slowest = interval if slowest is None else max(slowest, interval)
     return slowest
 
@@ -260,8 +270,10 @@ def observe(
     reset_at = quota.reset_at if quota.reset_at is not None else state.reset_at
     if rate_limited_until is not None:
         blocked_until = max(blocked_until, min(rate_limited_until, now + MAX_HEADER_WAIT_SECONDS))
-    if remaining == 0 and reset_at is not None and reset_at > now:
-        # Quota spent: stop before the server has to say 429.
+    if quota.remaining == 0 and reset_at is not None and reset_at > now:
+        # The server says the quota is spent: stop before it has to say 429. (Our own,
+        # lower count only holds back new tasks in admit(); it must not block the tasks
+        # this window's quota was promised to.)
         blocked_until = max(blocked_until, reset_at)
     next_window_taken = state.next_window_taken
     if quota.reset_at is not None and state.reset_at is not None and not same_window:
@@ -297,7 +309,8 @@ def admit(state: GateState, ticket: str, *, now: float) -> Admission:
     start = max(now, state.blocked_until)
     if state.remaining is None or state.remaining > 0:
         remaining = None if state.remaining is None else state.remaining - 1
-        pacing_floor = max(state.next_slot, start)
+        # The next paced slot comes one interval after this send.
+        pacing_floor = max(state.next_slot, start + (state.interval or 0.0))
         state = replace(state, remaining=remaining, next_slot=pacing_floor, updated_at=now)
         return _at(state, ticket, start, now, "the API is blocked (shared gate)")
 
@@ -314,6 +327,10 @@ def admit(state: GateState, ticket: str, *, now: float) -> Admission:
         # This window's quota is handed out too; look again once it has opened.
         return _recheck(state, ticket, max(start, state.reset_at) + RECHECK_SECONDS, now)
 
+    if state.limit and any(send_at <= now for send_at in state.tickets.values()):
+        # A window's quota was handed out and its holders have not reported yet: wait
+        # for what the server tells them instead of sending on top of them.
+        return _recheck(state, ticket, now + RECHECK_SECONDS, now)
     # Quota reported spent but no reset time or rate: only the block is known; past it,
     # let the server say what comes next.
     return _at(state, ticket, start, now, "the API is blocked (shared gate)")

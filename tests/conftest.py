@@ -19,11 +19,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 PLUGINS_DIR = REPO_ROOT / "plugins"
 TESTS_DIR = Path(__file__).resolve().parent
 
-_TEST_HOME = Path(tempfile.mkdtemp(prefix="network-requests-test-home-"))
+# Test modules import this file again as `tests.conftest` (for the constants below); both
+# imports must agree on one home, or Airflow's engine and the migrated DB part ways.
+# A pytest-xdist worker or a second session in the same process gets the same answer.
+_HOME_MARKER = "NETWORK_REQUESTS_TEST_HOME"
+if _HOME_MARKER not in os.environ:
+    os.environ[_HOME_MARKER] = tempfile.mkdtemp(prefix="network-requests-test-home-")
+_TEST_HOME = Path(os.environ[_HOME_MARKER])
 #: dag.test() in Airflow 3.3 needs the DAG in a file inside the dags folder, so tests
 #: write their DAGs here (see tests/support/dag_runner.py).
 TEST_DAGS_DIR = _TEST_HOME / "dags"
-TEST_DAGS_DIR.mkdir()
+TEST_DAGS_DIR.mkdir(exist_ok=True)
 
 os.environ.update(
     {
@@ -45,9 +51,9 @@ for path in (str(PLUGINS_DIR), str(REPO_ROOT)):
         sys.path.insert(0, path)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def airflow_db() -> Path:
-    """A migrated SQLite metadata DB, made once per test session."""
+    """A migrated SQLite metadata DB, made once per test session before the first test."""
     result = subprocess.run(
         [sys.executable, "-m", "airflow", "db", "migrate"],
         capture_output=True,

@@ -7,6 +7,16 @@ import pytest
 from network_requests.hooks import NetworkRequestHook
 
 
+def base_url_for(hook_class, uri: str, endpoint: str = "/v1/items") -> str:
+    # Parse the URI as Airflow does for AIRFLOW_CONN_* variables, and hand it to the hook
+    # directly: the test needs no secrets backend (and leaves no Airflow state behind).
+    from airflow.models.connection import Connection
+
+    hook = hook_class(method="GET", http_conn_id="hook_test")
+    hook._set_base_url(Connection(conn_id="hook_test", uri=uri))
+    return hook.url_from_endpoint(endpoint)
+
+
 @pytest.mark.parametrize(
     ("uri", "expected"),
     [
@@ -17,17 +27,11 @@ from network_requests.hooks import NetworkRequestHook
         ("http://api.example.com/https", "https://api.example.com/v1/items"),
     ],
 )
-def test_connection_uri_scheme_decides_the_url_scheme(monkeypatch, uri, expected):
-    monkeypatch.setenv("AIRFLOW_CONN_HOOK_TEST", uri)
-
-    hook = NetworkRequestHook(method="GET", http_conn_id="hook_test")
-
-    assert hook.url_from_endpoint("/v1/items") == expected
+def test_connection_uri_scheme_decides_the_url_scheme(uri, expected):
+    assert base_url_for(NetworkRequestHook, uri) == expected
 
 
-def test_stock_http_hook_would_downgrade_an_https_uri_which_is_why_we_subclass(monkeypatch):
+def test_stock_http_hook_would_downgrade_an_https_uri_which_is_why_we_subclass():
     from airflow.providers.http.hooks.http import HttpHook
 
-    monkeypatch.setenv("AIRFLOW_CONN_HOOK_TEST", "https://api.example.com")
-
-    assert HttpHook(method="GET", http_conn_id="hook_test").url_from_endpoint("/x").startswith("http://")
+    assert base_url_for(HttpHook, "https://api.example.com", "/x") == "http://api.example.com/x"

@@ -1,0 +1,46 @@
+# Developer entry points. Everything runs from the project's own venv in .venv/.
+#   make run    Airflow (UI on http://127.0.0.1:8080) + the demo API, Ctrl-C stops all
+#   make test   the test suite, without the distributed and reliability tests
+#   make test-distributed  the CeleryExecutor topology (PostgreSQL + Redis) run natively, with its tests
+
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+REQUIREMENTS := requirements.txt requirements-dev.txt requirements-distributed.txt constraints.txt
+PYTEST_MARKERS := not distributed and not reliability
+
+.PHONY: venv run test test-distributed constraints clean
+
+venv: $(VENV)/.installed
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Re-installs only when a requirements or constraints file changed.
+$(VENV)/.installed: $(REQUIREMENTS) | $(BIN)/python
+	$(BIN)/python -m pip install -r requirements-dev.txt -r requirements-distributed.txt -c constraints.txt
+	touch $@
+
+run: venv
+	$(BIN)/python scripts/run_embedded.py
+
+test: venv
+	$(BIN)/pytest -m "$(PYTEST_MARKERS)" tests/
+
+# The CeleryExecutor topology run natively, with end-to-end tests in it (docs/distributed.md).
+test-distributed: venv
+	$(BIN)/pytest -m distributed tests/distributed -x
+
+# Re-resolve every pin in a throwaway venv and write them to constraints.txt, keeping its
+# two-line header comment.
+constraints:
+	set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	$(PYTHON) -m venv "$$tmp/venv"; \
+	"$$tmp/venv/bin/python" -m pip install -r requirements-dev.txt -r requirements-distributed.txt; \
+	{ head -n 2 constraints.txt; "$$tmp/venv/bin/python" -m pip freeze; } > "$$tmp/constraints.txt"; \
+	mv "$$tmp/constraints.txt" constraints.txt
+
+# Removes the venv, the `make run` state (.airflow/: database, logs, admin password) and caches.
+clean:
+	rm -rf $(VENV) .airflow .pytest_cache .hypothesis test-artifacts
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,1 @@
+"""End-to-end tests in the CeleryExecutor topology, run natively (``make test-distributed``)."""

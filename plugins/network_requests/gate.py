@@ -42,6 +42,9 @@ TICKET_TTL_SECONDS = 3600.0
 MAX_TICKETS = 5000
 #: When neither pacing nor a window is known, a woken task re-checks after this long.
 RECHECK_SECONDS = 1.0
+#: On first contact one request goes ahead to learn the API's limits; if its task dies
+#: without reporting, the others stop waiting for it after this long.
+PROBE_TIMEOUT_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,10 @@ class GateState:
     updated_at: float = 0.0
     #: The API (scheme://host:port) this state is about: a Connection pointed elsewhere starts afresh.
     origin: str = ""
+    #: When a response last told the gate anything (0: never, so nothing is known yet).
+    observed_at: float = 0.0
+    #: While a first request is out learning the limits, the others wait until this.
+    probe_until: float = 0.0
 
     def to_json(self) -> str:
         # A shallow dict: asdict() deep-copies every ticket, which adds up at thousands.
@@ -101,6 +108,8 @@ class GateState:
                 tickets=tickets,
                 updated_at=_finite(data.get("updated_at") or 0.0),
                 origin=str(data.get("origin") or ""),
+                observed_at=_finite(data.get("observed_at") or 0.0),
+                probe_until=_finite(data.get("probe_until") or 0.0),
             )
         except (TypeError, ValueError, AttributeError, OverflowError):
             return cls()
@@ -287,6 +296,8 @@ def observe(
         interval=quota.interval if quota.interval is not None else state.interval,
         next_window_taken=next_window_taken,
         updated_at=now,
+        observed_at=now,
+        probe_until=0.0,
     )
 
 
@@ -307,6 +318,13 @@ def admit(state: GateState, ticket: str, *, now: float) -> Admission:
         state = _release(state, ticket, now)
 
     start = max(now, state.blocked_until)
+    if state.remaining is None and not state.observed_at and start <= now:
+        # Nothing known about this API yet: one request goes first and brings back its
+        # limits, instead of everyone starting at once into a 429 the others can't see.
+        if state.probe_until > now:
+            return _recheck(state, ticket, min(state.probe_until, now + RECHECK_SECONDS), now)
+        state = replace(state, probe_until=now + PROBE_TIMEOUT_SECONDS, updated_at=now)
+        return Admission(send_at=now, reason=None, state=state)
     if state.remaining is None or state.remaining > 0:
         remaining = None if state.remaining is None else state.remaining - 1
         # The next paced slot comes one interval after this send.

@@ -778,3 +778,31 @@ def test_read_quota_never_raises_and_gives_only_sane_numbers(headers):
 )
 def test_from_json_never_raises_on_finite_json(raw):
     assert isinstance(GateState.from_json(raw), GateState)
+
+
+def test_on_first_contact_one_request_goes_ahead_and_the_others_wait_for_what_it_learns():
+    first = admit(GateState(), "a", now=NOW)
+    second = admit(first.state, "b", now=NOW)
+
+    assert first.send_at == NOW
+    assert second.send_at > NOW, "b must not send before a's answer is known"
+    assert second.send_at <= NOW + RECHECK_SECONDS
+
+    learned = observe(second.state, {"RateLimit-Remaining": "4", "RateLimit-Reset": "1"}, now=NOW + 0.1)
+    assert admit(learned, "b", now=NOW + 0.2).send_at == NOW + 0.2
+
+
+def test_a_probe_that_never_reports_stops_holding_the_others_after_its_timeout():
+    from network_requests.gate import PROBE_TIMEOUT_SECONDS
+
+    probing = admit(GateState(), "a", now=NOW).state
+
+    assert admit(probing, "b", now=NOW + PROBE_TIMEOUT_SECONDS + 0.1).send_at == NOW + PROBE_TIMEOUT_SECONDS + 0.1
+
+
+def test_an_api_without_rate_limit_headers_is_not_serialised_after_the_first_answer():
+    known = observe(admit(GateState(), "a", now=NOW).state, {"Content-Type": "application/json"}, now=NOW + 0.1)
+
+    times, _ = admit_all(known, ["b", "c", "d"], now=NOW + 0.2)
+
+    assert times == [NOW + 0.2] * 3

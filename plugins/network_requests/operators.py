@@ -358,7 +358,29 @@ class NetworkRequestOperator(BaseOperator):
         }
         if self.request_timeout is not None:
             extra_options.setdefault("timeout", self.request_timeout)
-        return {"data": self.data, "headers": self.headers, "extra_options": extra_options}
+        return {
+            "data": self.data,
+            "headers": self.headers,
+            "extra_options": extra_options,
+            # requests drops Authorization on a redirect to another host, but not the API
+            # keys a Connection's extra headers add: refuse to follow such a redirect at all.
+            "hooks": {"response": [self._refuse_redirect_to_another_origin]},
+        }
+
+    def _refuse_redirect_to_another_origin(self, response: requests.Response, *args: Any, **kwargs: Any) -> None:
+        if not response.is_redirect:
+            return
+        target = requests.compat.urljoin(response.url, response.headers.get("Location", ""))
+        if not same_origin(target, self.hook.base_url):
+            response.close()
+            raise PermanentRequestError(
+                f"{self.method} {redact_url(response.url)} redirected ({response.status_code}) to "
+                f"{redact_url(target)}, another host than the Connection's; not followed, so the "
+                "Connection's credentials and headers stay with their host",
+                method=self.method,
+                url=redact_url(response.url),
+                status_code=response.status_code,
+            )
 
     def send_request(self, endpoint: str, url: str) -> tuple[requests.Response, float]:
         """Send the request and read the body; connection problems become transient errors."""

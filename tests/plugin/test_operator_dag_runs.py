@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import TEST_DAGS_DIR
 from tests.support.dag_runner import operator_dag_source, run_dag, set_connection, write_dag_file
-from tests.support.scripted_api import ScriptedResponse, free_port
+from tests.support.scripted_api import ScriptedApi, ScriptedResponse, free_port
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 
@@ -271,3 +271,28 @@ with DAG(dag_id={dag_id!r}, schedule=None, start_date=pendulum.datetime(2026, 1,
         "the refused task sent twice, the others once each, after the block"
     )
     assert time.time() - started >= 3
+
+
+def test_redirect_to_another_host_is_refused_with_the_credentials_kept_home(request, scripted_api):
+    with ScriptedApi() as elsewhere:
+        scripted_api.script(ScriptedResponse(status=302, headers={"Location": f"{elsewhere.base_url}/steal"}))
+
+        result = run_operator(
+            request, scripted_api.base_url.replace("http://", "http://user:s3cret@"), "endpoint='/api/users'"
+        )
+
+        assert result.task("request").state == "failed"
+        assert result.task("request").try_number == 1, "a refused redirect is permanent"
+        assert elsewhere.request_count == 0, "nothing, and no credential, went to the other host"
+
+
+def test_redirect_on_the_same_host_is_followed(request, scripted_api):
+    scripted_api.script(
+        ScriptedResponse(status=301, headers={"Location": "/api/v2/users"}),
+        ScriptedResponse(body={"moved": True}),
+    )
+
+    result = run_operator(request, scripted_api.base_url, "endpoint='/api/users'")
+
+    assert result.task("request").xcom == {"moved": True}
+    assert [r.path for r in scripted_api.requests] == ["/api/users", "/api/v2/users"]

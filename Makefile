@@ -2,6 +2,7 @@
 #   make run    Airflow (UI on http://127.0.0.1:8080) + the demo API, Ctrl-C stops all
 #   make test   the test suite, without the distributed and reliability tests
 #   make test-distributed  the CeleryExecutor topology (PostgreSQL + Redis) run natively, with its tests
+#   make bench  the throughput benchmark (bench/README.md), ~6 min; not part of the tests
 
 PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV := .venv
@@ -9,7 +10,7 @@ BIN := $(VENV)/bin
 REQUIREMENTS := requirements.txt requirements-dev.txt requirements-distributed.txt constraints.txt
 PYTEST_MARKERS := not distributed and not reliability
 
-.PHONY: venv run test test-distributed constraints clean
+.PHONY: venv run test test-distributed bench constraints clean
 
 venv: $(VENV)/.installed
 
@@ -31,6 +32,11 @@ test: venv
 test-distributed: venv
 	$(BIN)/pytest -m distributed tests/distributed -x
 
+# Three strategies under a rate-limited API through a real scheduler (bench/README.md).
+# BENCH_ARGS="--shape both" adds the fixed-window API (~8-13 min).
+bench: venv
+	$(BIN)/python bench/run_bench.py $(BENCH_ARGS)
+
 # Re-resolve every pin in a throwaway venv and write them to constraints.txt, keeping its
 # two-line header comment.
 constraints:
@@ -42,5 +48,5 @@ constraints:
 
 # Removes the venv, the `make run` state (.airflow/: database, logs, admin password) and caches.
 clean:
-	rm -rf $(VENV) .airflow .pytest_cache .hypothesis test-artifacts
+	rm -rf $(VENV) .airflow .pytest_cache .hypothesis test-artifacts bench/runs
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

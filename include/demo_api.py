@@ -5,7 +5,7 @@ rate limiting (HTTP 429 + Retry-After) happen without touching a real service.
 
 Run it:
 
-    python include/demo_api.py --host 127.0.0.1 --port 8090 --rate 0.5 --burst 3
+    python include/demo_api.py --host 127.0.0.1 --port 8090 --rate 0.2 --burst 3
 
 Or embed it (tests do this, on port 0):
 
@@ -51,7 +51,10 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8090
 # Tight on purpose: a periodic run that fetches ~6 endpoints at once gets 3
 # answers, then 429s, and must honour Retry-After to finish.
-DEFAULT_RATE_PER_S = 0.5
+# One request every 5 s after a burst of 3: the periodic DAG's six requests at once run
+# into it, and its later tasks wait longer than the operator sleeps in-process (5 s), so
+# the first run shows tasks going to up_for_reschedule in the UI.
+DEFAULT_RATE_PER_S = 0.2
 DEFAULT_BURST = 3
 
 MAX_SLOW_SECONDS = 30.0

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TEST_DAGS_DIR
-from tests.support.dag_runner import operator_dag_source, run_dag, set_connection, write_dag_file
+from tests.support.dag_runner import operator_dag_source, rescheduling, run_dag, set_connection, write_dag_file
 from tests.support.scripted_api import ScriptedApi, ScriptedResponse, free_port
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
@@ -25,9 +25,13 @@ FAST_RETRIES = "{'retries': 2, 'retry_delay': timedelta(seconds=1)}"
 
 
 def run_operator(request, api_url: str, operator_kwargs: str, default_args: str = FAST_RETRIES):
+    """Run one NetworkRequestOperator task. Short waits are rescheduled here (threshold 0),
+    so the seconds-long waits of these tests exercise the reschedule path; the default
+    in-process path has its own tests."""
     dag_id = request.node.name.replace("[", "_").replace("]", "").replace("-", "_")[:200]
     set_connection(api_url)
-    path = write_dag_file(TEST_DAGS_DIR, dag_id, operator_dag_source(dag_id, operator_kwargs, default_args))
+    source = operator_dag_source(dag_id, rescheduling(operator_kwargs), default_args)
+    path = write_dag_file(TEST_DAGS_DIR, dag_id, source)
     return run_dag(path, dag_id)
 
 
@@ -252,9 +256,9 @@ from network_requests import NetworkRequestOperator
 
 with DAG(dag_id={dag_id!r}, schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
          default_args={{"retries": 0}}) as dag:
-    NetworkRequestOperator(task_id="a", endpoint="/a")
-    NetworkRequestOperator(task_id="b", endpoint="/b")
-    NetworkRequestOperator(task_id="c", endpoint="/c")
+    NetworkRequestOperator(task_id="a", endpoint="/a", in_process_wait_threshold=0)
+    NetworkRequestOperator(task_id="b", endpoint="/b", in_process_wait_threshold=0)
+    NetworkRequestOperator(task_id="c", endpoint="/c", in_process_wait_threshold=0)
 '''
     path = write_dag_file(TEST_DAGS_DIR, dag_id, source)
     started = time.time()
@@ -296,3 +300,22 @@ def test_redirect_on_the_same_host_is_followed(request, scripted_api):
 
     assert result.task("request").xcom == {"moved": True}
     assert [r.path for r in scripted_api.requests] == ["/api/users", "/api/v2/users"]
+
+
+def test_by_default_a_short_wait_is_slept_in_the_task_and_a_long_one_rescheduled(request, scripted_api):
+    scripted_api.script(
+        ScriptedResponse.too_many_requests(retry_after=1),
+        ScriptedResponse.too_many_requests(retry_after=7),
+        ScriptedResponse(body={"ok": True}),
+    )
+    dag_id = request.node.name
+    set_connection(scripted_api.base_url)
+    path = write_dag_file(TEST_DAGS_DIR, dag_id, operator_dag_source(dag_id, "endpoint='/api/users'", FAST_RETRIES))
+
+    result = run_dag(path, dag_id)
+
+    task = result.task("request")
+    assert task.state == "success"
+    assert task.try_number == 1
+    assert task.reschedules == 1, "1 s is under the default 5 s threshold, 7 s is not"
+    assert scripted_api.gaps()[0] >= 1.0 and scripted_api.gaps()[1] >= 7.0

@@ -137,5 +137,12 @@ with DAG(
 '''
 
 
+def rescheduling(operator_kwargs: str) -> str:
+    """Operator kwargs with in-process waiting off, so even a 1 s wait takes the reschedule path."""
+    if "in_process_wait_threshold" in operator_kwargs:
+        return operator_kwargs
+    return f"{operator_kwargs}, in_process_wait_threshold=0"
+
+
 def set_connection(base_url: str) -> None:
     os.environ["AIRFLOW_CONN_NETWORK_REQUEST_API"] = base_url

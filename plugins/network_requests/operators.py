@@ -45,6 +45,7 @@ from network_requests.events import AttemptEvent, WaitEvent
 from network_requests.gate import Admission, GateState, admit, for_origin, observe
 from network_requests.gate_store import GateStore, VariableGateStore
 from network_requests.hooks import NetworkRequestHook
+from network_requests.links import ApiEndpointLink
 from network_requests.output import write_atomically
 from network_requests.rate_limit import (
     Backoff,
@@ -171,6 +172,7 @@ class NetworkRequestOperator(BaseOperator):
     template_fields: Sequence[str] = ("endpoint", "method", "data", "headers", "output_path", "initial_delay")
     template_fields_renderers = {"headers": "json", "data": "py"}
     ui_color = "#e8f4fd"
+    operator_extra_links = (ApiEndpointLink(),)
 
     def __init__(
         self,

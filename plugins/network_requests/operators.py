@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import random
+import socket
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -67,6 +69,9 @@ DEFAULT_RATE_LIMIT_TIMEOUT = timedelta(hours=6)
 #: (connect, read) seconds. ``requests`` waits forever without a timeout.
 DEFAULT_REQUEST_TIMEOUT = (10.0, 60.0)
 DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+#: The read timeout is per socket read: a body trickling in a byte a minute never trips it.
+#: This bounds the whole request, headers to last byte.
+DEFAULT_REQUEST_DEADLINE = timedelta(minutes=5)
 #: How much of an error body goes into a failure message.
 ERROR_BODY_PREVIEW_CHARS = 300
 _READ_CHUNK_BYTES = 64 * 1024
@@ -107,6 +112,19 @@ def _task_label(context: Any) -> str:
     ti = context["ti"]
     map_index = getattr(ti, "map_index", -1)
     return f"{ti.dag_id}.{ti.task_id}" + (f"[{map_index}]" if map_index is not None and map_index >= 0 else "")
+
+
+def _cut_connection(response: requests.Response, cut: threading.Event) -> None:
+    """Shut the socket under a response being read, so the blocked read returns at once."""
+    cut.set()
+    connection = getattr(response.raw, "_connection", None) or getattr(response.raw, "connection", None)
+    sock = getattr(connection, "sock", None)
+    try:
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
+        response.close()
+    except OSError:
+        pass
 
 
 def _utcnow() -> datetime:
@@ -159,6 +177,8 @@ class NetworkRequestOperator(BaseOperator):
         ``{"path", "status_code", "bytes", "content_type"}`` instead (templated; a local
         path or an ObjectStoragePath URI such as ``file://...`` or ``s3://...``).
     :param request_timeout: seconds, or ``(connect, read)`` seconds, for the request.
+    :param request_deadline: the whole request (headers to last byte) may take this long;
+        past it the connection is cut and the try fails as a timeout (retried).
     :param max_response_bytes: stop reading and fail when the body is larger.
     :param rate_limit_jitter: fraction of the backoff added at random (never subtracted).
     :param extra_options: extra ``HttpHook`` options (``verify``, ``proxies``, ...).
@@ -189,6 +209,7 @@ class NetworkRequestOperator(BaseOperator):
         initial_delay: timedelta | float | str | None = None,
         output_path: str | None = None,
         request_timeout: float | tuple[float, float] | None = DEFAULT_REQUEST_TIMEOUT,
+        request_deadline: timedelta | float | None = DEFAULT_REQUEST_DEADLINE,
         max_response_bytes: int | None = DEFAULT_MAX_RESPONSE_BYTES,
         rate_limit_jitter: float = 0.1,
         extra_options: dict[str, Any] | None = None,
@@ -210,6 +231,7 @@ class NetworkRequestOperator(BaseOperator):
         self.initial_delay = initial_delay
         self.output_path = output_path
         self.request_timeout = request_timeout
+        self.request_deadline = _as_timedelta(request_deadline, "request_deadline")
         self.max_response_bytes = max_response_bytes
         self.rate_limit_jitter = rate_limit_jitter
         self.extra_options = extra_options or {}
@@ -392,12 +414,33 @@ class NetworkRequestOperator(BaseOperator):
     def send_request(self, endpoint: str, url: str) -> tuple[requests.Response, float]:
         """Send the request and read the body; connection problems become transient errors."""
         started = time.monotonic()
+        watchdog: threading.Timer | None = None
+        cut = threading.Event()
         try:
             response = self.hook.run(endpoint, **self.request_kwargs())
+            if self.request_deadline is not None:
+                left = self.request_deadline.total_seconds() - (time.monotonic() - started)
+                watchdog = threading.Timer(max(left, 0.0), _cut_connection, (response, cut))
+                watchdog.daemon = True
+                watchdog.start()
             self._read_body(response, url)
-        except (requests.ConnectionError, requests.Timeout) as error:
+        except (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema,
+                requests.exceptions.MissingSchema, requests.exceptions.InvalidHeader) as error:
+            raise PermanentRequestError(
+                f"{self.method} {redact_url(url)} cannot be sent: {type(error).__name__}",
+                method=self.method,
+                url=redact_url(url),
+            ) from None
+        except (requests.RequestException, OSError) as error:
             elapsed = time.monotonic() - started
-            kind = "timed out" if isinstance(error, requests.Timeout) else "could not connect"
+            if cut.is_set():
+                kind = f"took longer than request_deadline={self.request_deadline}"
+            elif isinstance(error, requests.Timeout):
+                kind = "timed out"
+            elif isinstance(error, requests.ConnectionError):
+                kind = "could not connect"
+            else:
+                kind = "broke off"
             self.log.warning("%s %s -> %s after %.3fs", self.method, redact_url(url), kind, elapsed)
             events.emit(AttemptEvent(self.http_conn_id, self.method, redact_url(url), None,
                                      "connection_error", elapsed, self.clock()))
@@ -406,6 +449,16 @@ class NetworkRequestOperator(BaseOperator):
                 method=self.method,
                 url=redact_url(url),
             ) from None
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+        if cut.is_set():
+            # The deadline fired just as the body completed: don't trust what was read.
+            raise TransientRequestError(
+                f"{self.method} {redact_url(url)} took longer than request_deadline={self.request_deadline}",
+                method=self.method,
+                url=redact_url(url),
+            )
         return response, time.monotonic() - started
 
     def classify_response(self, response: requests.Response) -> Outcome:

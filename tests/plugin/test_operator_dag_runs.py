@@ -319,3 +319,53 @@ def test_by_default_a_short_wait_is_slept_in_the_task_and_a_long_one_rescheduled
     assert task.try_number == 1
     assert task.reschedules == 1, "1 s is under the default 5 s threshold, 7 s is not"
     assert scripted_api.gaps()[0] >= 1.0 and scripted_api.gaps()[1] >= 7.0
+
+
+def test_a_body_trickling_in_forever_is_cut_at_the_request_deadline(request):
+    """The read timeout is per socket read; a byte every 0.3 s never trips it. The deadline does."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+    bytes_sent = []
+
+    def drip():
+        while not stop.is_set():
+            listener.settimeout(0.5)
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                continue
+            with connection:
+                connection.recv(65536)
+                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 100000\r\n\r\n")
+                for _ in range(200):  # bounded: at most 60 s of dripping
+                    if stop.is_set():
+                        break
+                    try:
+                        connection.sendall(b".")
+                    except OSError:
+                        break
+                    bytes_sent.append(1)
+                    stop.wait(0.3)
+
+    thread = threading.Thread(target=drip, daemon=True)
+    thread.start()
+    try:
+        started = time.time()
+        result = run_operator(
+            request,
+            f"http://127.0.0.1:{listener.getsockname()[1]}",
+            "endpoint='/slow', request_timeout=(2, 2), request_deadline=2",
+            "{'retries': 0}",
+        )
+        elapsed = time.time() - started
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        listener.close()
+
+    assert result.task("request").state == "failed"
+    assert 0 < len(bytes_sent) < 100, "the body was still trickling when the deadline cut it"
+    assert elapsed < 60

@@ -86,4 +86,6 @@ with DAG(
         headers={"Content-Type": "application/json", "Accept": "application/json"},
         initial_delay="{{ params.initial_delay_seconds }}",
         output_path=f"{data_dir()}/network_request_once/{RUN_FOLDER_TEMPLATE}/response",
+        # Whatever a trigger's conf or run id holds, the response stays inside the data folder.
+        output_root=data_dir(),
     )

@@ -64,6 +64,8 @@ with DAG(
         # A rate-limit wait longer than the period would only delay the next run.
         max_rate_limit_wait=timedelta(minutes=5),
         rate_limit_timeout=timedelta(minutes=30),
+        # The run id names a folder: never let it (or anything else) write outside the data folder.
+        output_root=data_dir(),
     ).expand_kwargs(
         [{"endpoint": endpoint, "output_path": _output_file(endpoint)} for endpoint in ENDPOINTS]
     )

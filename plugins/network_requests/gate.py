@@ -376,6 +376,11 @@ def _release(state: GateState, ticket: str, now: float) -> GateState:
     return replace(state, tickets=tickets, updated_at=now)
 
 
+def release_probe(state: GateState) -> GateState:
+    """The first-contact probe got no answer (refused, timed out): let the next task try."""
+    return replace(state, probe_until=0.0)
+
+
 def is_open(state: GateState, now: float) -> bool:
     """Would a task with no ticket be let through right now? (For the UI and logs.)"""
     return admit(state, "__probe__", now=now).send_at <= now

@@ -44,7 +44,7 @@ from network_requests.exceptions import (
     TransientRequestError,
 )
 from network_requests.events import AttemptEvent, WaitEvent
-from network_requests.gate import Admission, GateState, admit, for_origin, observe
+from network_requests.gate import Admission, GateState, admit, for_origin, observe, release_probe
 from network_requests.gate_store import GateStore, VariableGateStore
 from network_requests.hooks import NetworkRequestHook
 from network_requests.links import ApiEndpointLink
@@ -84,6 +84,10 @@ _READ_CHUNK_BYTES = 64 * 1024
 DEFAULT_IN_PROCESS_WAIT_THRESHOLD = timedelta(seconds=5)
 #: At most this many in-process waits per run of the task, so a slot is never held for long.
 MAX_IN_PROCESS_WAITS = 5
+#: A reschedule or deferral is never due sooner than this: one due within seconds can race
+#: the executor's report of the run that asked for it, and Airflow 3.3.2 then counts a failed
+#: try (apache/airflow#71172). Waiting longer than the server asked is always allowed.
+MIN_RESCHEDULE_DELAY = timedelta(seconds=5)
 
 
 @dataclass(frozen=True)
@@ -117,11 +121,21 @@ def _task_label(context: Any) -> str:
 def _cut_connection(response: requests.Response, cut: threading.Event) -> None:
     """Shut the socket under a response being read, so the blocked read returns at once."""
     cut.set()
-    connection = getattr(response.raw, "_connection", None) or getattr(response.raw, "connection", None)
-    sock = getattr(connection, "sock", None)
-    try:
-        if sock is not None:
+    raw = response.raw
+    connection = getattr(raw, "_connection", None) or getattr(raw, "connection", None)
+    candidates = [getattr(connection, "sock", None)]
+    # A `Connection: close` response has been detached from urllib3's connection; its socket
+    # is the one http.client reads through: HTTPResponse.fp -> BufferedReader -> SocketIO.
+    file = getattr(getattr(raw, "_fp", None), "fp", None)
+    candidates.append(getattr(getattr(file, "raw", None), "_sock", None))
+    for sock in candidates:
+        if sock is None:
+            continue
+        try:
             sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+    try:
         response.close()
     except OSError:
         pass
@@ -176,6 +190,8 @@ class NetworkRequestOperator(BaseOperator):
     :param output_path: write the body here atomically, and return
         ``{"path", "status_code", "bytes", "content_type"}`` instead (templated; a local
         path or an ObjectStoragePath URI such as ``file://...`` or ``s3://...``).
+    :param output_root: when set, a rendered ``output_path`` outside this folder (after ``..``
+        and symlinks) or bucket prefix fails the task before any request (templated).
     :param request_timeout: seconds, or ``(connect, read)`` seconds, for the request.
     :param request_deadline: the whole request (headers to last byte) may take this long;
         past it the connection is cut and the try fails as a timeout (retried).
@@ -189,7 +205,15 @@ class NetworkRequestOperator(BaseOperator):
         (holding its slot) instead of a reschedule; at most ``MAX_IN_PROCESS_WAITS`` per run.
     """
 
-    template_fields: Sequence[str] = ("endpoint", "method", "data", "headers", "output_path", "initial_delay")
+    template_fields: Sequence[str] = (
+        "endpoint",
+        "method",
+        "data",
+        "headers",
+        "output_path",
+        "output_root",
+        "initial_delay",
+    )
     template_fields_renderers = {"headers": "json", "data": "py"}
     ui_color = "#e8f4fd"
     operator_extra_links = (ApiEndpointLink(),)
@@ -208,6 +232,7 @@ class NetworkRequestOperator(BaseOperator):
         rate_limit_timeout: timedelta | float | None = DEFAULT_RATE_LIMIT_TIMEOUT,
         initial_delay: timedelta | float | str | None = None,
         output_path: str | None = None,
+        output_root: str | None = None,
         request_timeout: float | tuple[float, float] | None = DEFAULT_REQUEST_TIMEOUT,
         request_deadline: timedelta | float | None = DEFAULT_REQUEST_DEADLINE,
         max_response_bytes: int | None = DEFAULT_MAX_RESPONSE_BYTES,
@@ -230,6 +255,7 @@ class NetworkRequestOperator(BaseOperator):
         self.rate_limit_timeout = _as_timedelta(rate_limit_timeout, "rate_limit_timeout")
         self.initial_delay = initial_delay
         self.output_path = output_path
+        self.output_root = output_root
         self.request_timeout = request_timeout
         self.request_deadline = _as_timedelta(request_deadline, "request_deadline")
         self.max_response_bytes = max_response_bytes
@@ -291,6 +317,7 @@ class NetworkRequestOperator(BaseOperator):
         return self._attempt(context, _WaitProgress(rate_limit_waits, since))
 
     def _attempt(self, context: Context, progress: _WaitProgress) -> Any:
+        self._check_output_path()
         endpoint = self.checked_endpoint(self.endpoint)
         url = self.hook.url_from_endpoint(endpoint)
         if not same_origin(url, self.hook.base_url):
@@ -315,7 +342,12 @@ class NetworkRequestOperator(BaseOperator):
                                in_process_allowed=in_process_allowed, status_code=None)
                     continue
 
-            response, elapsed = self.send_request(endpoint, url)
+            try:
+                response, elapsed = self.send_request(endpoint, url)
+            except Exception:
+                # No answer to learn from: don't make the others wait out a probe that failed.
+                self._gate_release_probe()
+                raise
             outcome = self.classify_response(response)
             status_line = f"{self.method} {safe_url} -> {response.status_code} in {elapsed:.3f}s"
             events.emit(AttemptEvent(self.http_conn_id, self.method, safe_url, response.status_code,
@@ -368,6 +400,17 @@ class NetworkRequestOperator(BaseOperator):
         raise AssertionError("unreachable: the last pass always reschedules or defers")  # pragma: no cover
 
     # -- extension points ---------------------------------------------------------------
+
+    def _check_output_path(self) -> None:
+        """Refuse an ``output_path`` that would land outside ``output_root``, before any request."""
+        if not self.output_path or not self.output_root:
+            return
+        from network_requests.safe_paths import UnsafeOutputPathError, checked_output_path
+
+        try:
+            checked_output_path(str(self.output_path), str(self.output_root))
+        except UnsafeOutputPathError as error:
+            raise PermanentRequestError(str(error), method=self.method, url=str(self.endpoint)[:200]) from None
 
     def checked_endpoint(self, endpoint: str) -> str:
         """The endpoint to request; refuse one that could leave the Connection's host."""
@@ -485,6 +528,7 @@ class NetworkRequestOperator(BaseOperator):
         """The XCom value of a successful response."""
         content_type = response.headers.get("Content-Type", "")
         if self.output_path:
+            self._check_output_path()  # again: a symlink may have appeared meanwhile
             written = write_atomically(str(self.output_path), response.content)
             self.log.info("Wrote %d bytes to %s", len(response.content), written)
             return {
@@ -553,13 +597,15 @@ class NetworkRequestOperator(BaseOperator):
             mode = "defer"
         else:
             mode = "reschedule"
+        resume_at = wait.not_before if mode == "in_process" else max(wait.not_before, now + MIN_RESCHEDULE_DELAY)
         self.log.info(
-            "%s; waiting %.3fs (%s) until %s, %s, without spending a try",
+            "%s; waiting %.3fs (%s) until %s, %s%s, without spending a try",
             reason,
             max(remaining, 0.0),
             wait.source.value,
             wait.not_before.isoformat(),
             {"in_process": "in-process", "defer": "deferred", "reschedule": "rescheduled"}[mode],
+            "" if resume_at == wait.not_before else f" for {resume_at.isoformat()} (minimum reschedule delay)",
         )
         events.emit(
             WaitEvent(self.http_conn_id, url, max(remaining, 0.0), wait.source.value, mode, wait.not_before,
@@ -579,11 +625,11 @@ class NetworkRequestOperator(BaseOperator):
 
             since = progress.waiting_since or (None if wait.source is WaitSource.INITIAL_DELAY else now)
             self.defer(
-                trigger=DateTimeTrigger(moment=wait.not_before),
+                trigger=DateTimeTrigger(moment=resume_at),
                 method_name="resume_after_wait",
                 kwargs={"rate_limit_waits": waits_after, "waiting_since": since.isoformat() if since else None},
             )
-        raise AirflowRescheduleException(wait.not_before)
+        raise AirflowRescheduleException(resume_at)
 
     def _first_rate_limit_wait(self, ti: Any, context: Context, initial_delay: timedelta | None) -> datetime | None:
         """When this try started waiting on rate limits (its first reschedule, past the initial delay)."""
@@ -618,6 +664,15 @@ class NetworkRequestOperator(BaseOperator):
             self.http_conn_id,
             lambda state: (None, observe(for_origin(state, origin), headers, now=now, rate_limited_until=until)),
         )
+
+    def _gate_release_probe(self) -> None:
+        if not self.shared_gate:
+            return
+        origin = self._origin()
+        try:
+            self.gate_store.update(self.http_conn_id, lambda state: (None, release_probe(for_origin(state, origin))))
+        except Exception:  # the request's own error is what the user must see
+            self.log.warning("Could not release the shared gate's probe", exc_info=True)
 
     def _origin(self) -> str:
         parts = urlsplit(self.hook.base_url)

@@ -140,7 +140,8 @@ def test_rescheduled_task_runs_on_the_other_worker_after_retry_after(stack, hand
     assert stack.active_queues() == {"worker-a": ["default", HANDOFF_QUEUE], "worker-b": ["default"]}
     handoff_api.clear()
     handoff_api.script(
-        ScriptedResponse.too_many_requests(retry_after=3),
+        # Longer than the 5 s the operator sleeps in-process by default: a real reschedule.
+        ScriptedResponse.too_many_requests(retry_after=8),
         ScriptedResponse(body={"handed": "over"}),
     )
     response = stack.trigger(HANDOFF_DAG_ID)
@@ -149,7 +150,7 @@ def test_rescheduled_task_runs_on_the_other_worker_after_retry_after(stack, hand
 
     # The first try can only run on worker-a, the one consumer of the queue. The moment its
     # request reaches the server, move the queue to worker-b: worker-a's try is still waiting
-    # for the 429, and the re-run cannot be queued before Retry-After (3 s) has passed.
+    # for the 429, and the re-run cannot be queued before Retry-After (8 s) has passed.
     first = handoff_api.wait_for_requests(1, timeout=180)[0]
     control = stack.celery_control()
     added = control.add_consumer(HANDOFF_QUEUE, destination=[stack.node("worker-b")], reply=True, timeout=5)
@@ -178,7 +179,7 @@ def test_rescheduled_task_runs_on_the_other_worker_after_retry_after(stack, hand
     assert [r.header("X-Airflow-Hostname") for r in requests] == ["worker-a", "worker-b"]
     assert {r.header("X-Airflow-Run-Id") for r in requests} == {run_id}
     gap = requests[1].received_monotonic - requests[0].received_monotonic
-    assert gap >= 3.0, f"second request {gap:.3f}s after the 429 with Retry-After: 3"
+    assert gap >= 8.0, f"second request {gap:.3f}s after the 429 with Retry-After: 8"
     assert requests[1].received_monotonic > switched_at
 
     # The metadata database tells the same story: up for reschedule after worker-a's request,

@@ -806,3 +806,11 @@ def test_an_api_without_rate_limit_headers_is_not_serialised_after_the_first_ans
     times, _ = admit_all(known, ["b", "c", "d"], now=NOW + 0.2)
 
     assert times == [NOW + 0.2] * 3
+
+
+def test_a_probe_that_got_no_answer_is_released_for_the_next_task():
+    from network_requests.gate import release_probe
+
+    probing = admit(GateState(), "a", now=NOW).state
+
+    assert admit(release_probe(probing), "b", now=NOW + 0.1).send_at == NOW + 0.1

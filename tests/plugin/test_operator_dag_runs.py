@@ -369,3 +369,18 @@ def test_a_body_trickling_in_forever_is_cut_at_the_request_deadline(request):
     assert result.task("request").state == "failed"
     assert 0 < len(bytes_sent) < 100, "the body was still trickling when the deadline cut it"
     assert elapsed < 60
+
+
+def test_output_path_outside_output_root_fails_before_any_request(request, scripted_api, tmp_path: Path):
+    root = tmp_path / "data"
+    root.mkdir()
+    escaping = str(root / ".." / "escaped.json")
+
+    result = run_operator(
+        request, scripted_api.base_url, f"endpoint='/api/users', output_path={escaping!r}, output_root={str(root)!r}"
+    )
+
+    assert result.task("request").state == "failed"
+    assert result.task("request").try_number == 1, "refused paths are permanent"
+    assert scripted_api.request_count == 0
+    assert not (tmp_path / "escaped.json").exists()

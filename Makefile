@@ -2,6 +2,7 @@
 #   make run    Airflow (UI on http://127.0.0.1:8080) + the demo API, Ctrl-C stops all
 #   make test   the test suite, without the distributed and reliability tests
 #   make test-distributed  the CeleryExecutor topology (PostgreSQL + Redis) run natively, with its tests
+#   make test-reliability  fault injection, hostile input, secrets (docs/reliability.md), ~8 min
 #   make bench  the throughput benchmark (bench/README.md), ~6 min; not part of the tests
 
 PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
@@ -10,7 +11,7 @@ BIN := $(VENV)/bin
 REQUIREMENTS := requirements.txt requirements-dev.txt requirements-distributed.txt constraints.txt
 PYTEST_MARKERS := not distributed and not reliability
 
-.PHONY: venv run test test-distributed bench constraints clean
+.PHONY: venv run test test-distributed test-reliability bench constraints clean
 
 venv: $(VENV)/.installed
 
@@ -31,6 +32,11 @@ test: venv
 # The CeleryExecutor topology run natively, with end-to-end tests in it (docs/distributed.md).
 test-distributed: venv
 	$(BIN)/pytest -m distributed tests/distributed -x
+
+# Faults injected into a real embedded stack: killed scheduler/task, API down or hanging,
+# huge or dripping bodies, hostile input, secrets (docs/reliability.md).
+test-reliability: venv
+	$(BIN)/pytest -m reliability tests/reliability
 
 # Three strategies under a rate-limited API through a real scheduler (bench/README.md).
 # BENCH_ARGS="--shape both" adds the fixed-window API (~8-13 min).

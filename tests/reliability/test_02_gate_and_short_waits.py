@@ -1,0 +1,86 @@
+"""The shared gate and short waits: two bugs these tests found, now fixed, and a race that stays.
+
+1. **A failed first request held the shared gate for 10 s.** On first contact with an API the
+   gate lets one request go ahead to learn the limits (``probe_until``) and holds every other
+   task of the Connection until that request reports. A request that got *no response*
+   (connection refused, timeout, reset, body over ``max_response_bytes``) raised before
+   ``_gate_observe`` and never reported, so for ``gate.PROBE_TIMEOUT_SECONDS`` (10 s) every task
+   of the Connection waited in 1 s rechecks, the task's own retry included: a retry_delay of 1 s
+   became about 10 s. Fixed: the operator releases the probe when the request raises
+   (``gate.release_probe``).
+
+2. **Short reschedules can cost a try.** A task that reschedules itself for a second or two can
+   be marked failed or up_for_retry by the scheduler: the executor's "finished" event of the
+   previous, rescheduled run of the task arrives after the task was queued again with the same
+   try_number, and Airflow 3.3.2 takes it for a task killed externally ("Executor ... reported
+   that the task instance ... finished with state success, but the task instance's state
+   attribute is queued"; apache/airflow#71172). The gate's 1 s rechecks and any
+   ``Retry-After: 1`` produced exactly that, and the shipped periodic DAG (6 tasks, one
+   Connection) is the pattern. Now waits up to ``in_process_wait_threshold`` (5 s) are slept in
+   the task and no reschedule is due sooner than ``MIN_RESCHEDULE_DELAY`` (5 s). The race is
+   Airflow's and depends on timing (a supervisor was seen reporting 5.4 s late under load), so
+   its test stays a non-strict xfail.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support.scripted_api import ScriptedResponse
+
+from . import dag_sources
+from .conftest import DAG_IDS
+
+pytestmark = pytest.mark.reliability
+
+
+class HeldByTheGate(AssertionError):
+    """The retry waited for the shared gate's probe timeout."""
+
+
+def test_a_first_request_without_a_response_does_not_hold_the_retry_at_the_gate(request, scripted_api):
+    from network_requests.gate import PROBE_TIMEOUT_SECONDS
+
+    from tests.conftest import TEST_DAGS_DIR
+    from tests.support.dag_runner import operator_dag_source, run_dag, set_connection, write_dag_file
+
+    # The connection is closed without an answer (a ConnectionError), then the API answers.
+    scripted_api.script(ScriptedResponse.close(), ScriptedResponse(body={"ok": True}))
+    set_connection(scripted_api.base_url)
+    dag_id = "reliability_gate_probe_release"
+    source = operator_dag_source(dag_id, "endpoint='/api/users'", "{'retries': 1, 'retry_delay': timedelta(seconds=1)}")
+    result = run_dag(write_dag_file(TEST_DAGS_DIR, dag_id, source), dag_id)
+
+    task = result.task("request")
+    assert result.state == "success"
+    assert task.try_number == 2
+    assert scripted_api.request_count == 2
+    gap = scripted_api.gaps()[0]
+    print(f"\n[gate] retry_delay 1 s; the retry's request came {gap:.1f}s after the failed one")
+    if gap >= PROBE_TIMEOUT_SECONDS - 1:
+        raise HeldByTheGate(f"the retry came {gap:.1f}s after a 1 s retry_delay: held by the gate's probe")
+    assert gap < 6
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="race in Airflow 3.3.2 + LocalExecutor (apache/airflow#71172): a reschedule due in a second "
+    "or two can be taken for an externally killed task and spend a try; flaky by nature, so not strict",
+)
+def test_short_rate_limit_waits_never_cost_a_try(stack, api):
+    dag_id = DAG_IDS["c12"]
+    for index in range(dag_sources.SHORT_WAIT_TASKS):
+        api.route(
+            f"/c12/item/{index}",
+            *[ScriptedResponse.too_many_requests(retry_after=1)] * dag_sources.SHORT_WAIT_429S,
+            ScriptedResponse(body={"item": index}),
+        )
+
+    run_id = stack.trigger(dag_id)
+    run = stack.wait_for_run(dag_id, run_id, timeout=180)
+
+    tis = stack.task_instances(dag_id, run_id)
+    summary = [(ti["task_id"], ti["state"], ti["try_number"]) for ti in tis]
+    print(f"\n[short waits] {summary}")
+    assert run["state"] == "success", summary
+    assert all(ti["try_number"] == 1 for ti in tis), f"a rate-limit wait spent a try: {summary}"

@@ -67,9 +67,10 @@ class MemoryGateStore:
 
 
 @contextlib.contextmanager
-def _host_lock(conn_id: str) -> Iterator[None]:
-    digest = hashlib.sha256(conn_id.encode()).hexdigest()[:16]
-    path = os.path.join(tempfile.gettempdir(), f"network-requests-gate-{digest}.lock")
+def host_lock(name: str, kind: str = "gate") -> Iterator[None]:
+    """Serialise a read-modify-write of ``name`` between the processes of this host."""
+    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+    path = os.path.join(tempfile.gettempdir(), f"network-requests-{kind}-{digest}.lock")
     with open(path, "a+") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
@@ -78,7 +79,11 @@ def _host_lock(conn_id: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _fresh_variable(key: str) -> str | None:
+def _host_lock(conn_id: str) -> contextlib.AbstractContextManager[None]:
+    return host_lock(conn_id, "gate")
+
+
+def fresh_variable(key: str) -> str | None:
     """The Variable's current value, past Airflow's optional secrets cache ([secrets] use_cache)."""
     from airflow.sdk import Variable
 
@@ -95,21 +100,21 @@ class VariableGateStore:
     """The gate in an Airflow Variable, read and written through the Task SDK."""
 
     def read(self, conn_id: str) -> GateState:
-        return GateState.from_json(_fresh_variable(variable_key(conn_id)))
+        return GateState.from_json(fresh_variable(variable_key(conn_id)))
 
     def update(self, conn_id: str, change: Callable[[GateState], tuple[T, GateState]]) -> T:
         from airflow.sdk import Variable
 
         key = variable_key(conn_id)
         with _host_lock(conn_id):
-            raw = _fresh_variable(key)
+            raw = fresh_variable(key)
             for _ in range(_VERIFY_ATTEMPTS):
                 result, new_state = change(GateState.from_json(raw))
                 written = new_state.to_json()
                 if written == raw:
                     return result
                 Variable.set(key, written, description="Shared rate-limit gate of NetworkRequestOperator")
-                raw = _fresh_variable(key)
+                raw = fresh_variable(key)
                 if raw == written:
                     return result
                 log.info("Shared gate %s changed by another worker while updating; redoing the change", key)

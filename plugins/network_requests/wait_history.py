@@ -13,18 +13,14 @@ hosts appending at the very same moment may lose one entry, which only thins the
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import json
 import logging
-import os
 import re
-import tempfile
-from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
 from network_requests.events import Event, WaitEvent
+from network_requests.gate_store import fresh_variable, host_lock
 
 log = logging.getLogger(__name__)
 
@@ -93,26 +89,12 @@ def appended(raw: str | None, entry: dict[str, Any], limit: int = MAX_WAITS) -> 
     return json.dumps(waits[-limit:], separators=(",", ":"))
 
 
-@contextlib.contextmanager
-def _host_lock(key: str) -> Iterator[None]:
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    path = os.path.join(tempfile.gettempdir(), f"network-requests-waits-{digest}.lock")
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def _host_lock(key: str) -> contextlib.AbstractContextManager[None]:
+    return host_lock(key, "waits")
 
 
 def _read_variable(key: str) -> str | None:
-    from airflow.sdk import Variable
-
-    with contextlib.suppress(Exception):  # the secrets cache is an optimisation
-        from airflow.sdk.execution_time.cache import SecretCache
-
-        SecretCache.invalidate_variable(key)
-    return Variable.get(key, default=None)
+    return fresh_variable(key)
 
 
 def record(event: WaitEvent) -> None:

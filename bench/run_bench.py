@@ -209,6 +209,10 @@ class Stack:
                 "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
                 "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
                 "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_HOST": "127.0.0.1",
+                # As make run (scripts/run_embedded.py): the task supervisor notices its task's
+                # exit within 1 s instead of up to 5 s; the same for every strategy.
+                "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "1",
+                "AIRFLOW__WORKERS__MAX_FAILED_HEARTBEATS": "15",
                 # The REST calls of this runner need no login: the stack listens on 127.0.0.1
                 # only and lives for one benchmark.
                 "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
@@ -222,6 +226,8 @@ class Stack:
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        for section_key, value in self.args.airflow_settings.items():
+            env[f"AIRFLOW__{section_key.upper()}"] = value
         return env
 
     def start_airflow(self) -> None:
@@ -865,6 +871,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--operator-kwargs", default="{}", metavar="JSON",
         help="JSON object merged over OPERATOR_KWARGS in bench/dags/bench_strategies.py",
     )  # fmt: skip
+    parser.add_argument(
+        "--airflow-setting", action="append", default=[], metavar="SECTION__KEY=VALUE",
+        help="extra Airflow setting for the whole stack, e.g. workers__min_heartbeat_interval=1 (repeatable)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results.json", help="results file (JSON)")
     parser.add_argument("--run-dir", type=Path, help="AIRFLOW_HOME and logs go here (default bench/runs/<stamp>)")
     parser.add_argument("--timeout", type=float, default=240, help="seconds one strategy run may take")
@@ -887,6 +897,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--operator-kwargs is not JSON: {error}")
     if not isinstance(args.operator_kwargs, dict):
         parser.error("--operator-kwargs must be a JSON object")
+    args.airflow_settings = {}
+    for setting in args.airflow_setting:
+        section_key, sep, value = setting.partition("=")
+        if not sep or "__" not in section_key.strip("_"):
+            parser.error(f"--airflow-setting {setting!r}: expected SECTION__KEY=VALUE, e.g. workers__min_heartbeat_interval=1")
+        args.airflow_settings[section_key] = value
     for name in ("tasks", "burst", "window_limit", "window_seconds", "parallelism"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -985,6 +1001,7 @@ def main(argv: list[str] | None = None) -> int:
             "sample_interval_s": args.sample_interval,
             "warmup": args.warmup,
             "operator_kwargs_override": args.operator_kwargs,
+            "airflow_settings_override": args.airflow_settings,
             "task_settings": settings,
             "executor": "LocalExecutor",
             "database": "sqlite",

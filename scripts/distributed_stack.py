@@ -620,6 +620,10 @@ class DistributedStack:
             "AIRFLOW__CELERY__BROKER_URL": self.broker_url,
             "AIRFLOW__CELERY__RESULT_BACKEND": f"db+postgresql://{self.pg_user}@{self.pg_host}:{self.pg_port}/{self.db_name}",
             "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(self.concurrency),
+            # As make run (scripts/run_embedded.py): a task's supervisor notices its exit within
+            # 1 s, not up to 5 s, and frees the slot; 15 failures keep 15 s of API outage tolerance.
+            "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "1",
+            "AIRFLOW__WORKERS__MAX_FAILED_HEARTBEATS": "15",
             # Silences the provider's warning; tasks here never run for a day.
             "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT": "86400",
             "AIRFLOW__API__HOST": "127.0.0.1",

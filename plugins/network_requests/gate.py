@@ -11,7 +11,8 @@ again:
   evenly spaced sends stay within a token bucket and within any fixed window;
 - **windows**: when the server only states a quota and when it resets (GitHub's
   ``X-RateLimit-Limit/Remaining/Reset``), up to ``limit`` tasks get the reset time itself,
-  and the rest wait for the window after.
+  and each of the rest looks again once the window it fits in can have opened (the window's
+  length is known from below: from its first report to its reset), so it comes back once.
 
 Each task holds a *ticket* (its task-instance key). A task that comes back at its time
 sends only if the gate has not been closed further meanwhile; otherwise it is given a new
@@ -83,6 +84,11 @@ class GateState:
     observed_at: float = 0.0
     #: While a first request is out learning the limits, the others wait until this.
     probe_until: float = 0.0
+    #: When a response first reported the window that ends at ``reset_at``.
+    window_first_seen: float = 0.0
+    #: A lower bound on the window's length (``reset_at - window_first_seen``, the largest
+    #: seen): the window after the next one opens no sooner than ``reset_at`` + this.
+    window_seconds: float = 0.0
 
     def to_json(self) -> str:
         # A shallow dict: asdict() deep-copies every ticket, which adds up at thousands.
@@ -110,6 +116,8 @@ class GateState:
                 origin=str(data.get("origin") or ""),
                 observed_at=_finite(data.get("observed_at") or 0.0),
                 probe_until=_finite(data.get("probe_until") or 0.0),
+                window_first_seen=_finite(data.get("window_first_seen") or 0.0),
+                window_seconds=_finite(data.get("window_seconds") or 0.0),
             )
         except (TypeError, ValueError, AttributeError, OverflowError):
             return cls()
@@ -287,6 +295,12 @@ def observe(
     next_window_taken = state.next_window_taken
     if quota.reset_at is not None and state.reset_at is not None and not same_window:
         next_window_taken = 0
+    window_first_seen, window_seconds = state.window_first_seen, state.window_seconds
+    if quota.reset_at is not None:
+        if not (same_window and window_first_seen):
+            window_first_seen = now
+        # The window began no later than its first report: its length is at least this.
+        window_seconds = min(max(window_seconds, quota.reset_at - window_first_seen), float(MAX_HEADER_WAIT_SECONDS))
     return replace(
         state,
         blocked_until=blocked_until,
@@ -298,6 +312,8 @@ def observe(
         updated_at=now,
         observed_at=now,
         probe_until=0.0,
+        window_first_seen=window_first_seen,
+        window_seconds=window_seconds,
     )
 
 
@@ -338,12 +354,17 @@ def admit(state: GateState, ticket: str, *, now: float) -> Admission:
         return _at(state, ticket, slot, now, "pacing to the API's rate (shared gate)")
 
     if state.reset_at is not None and state.limit:
-        if state.next_window_taken < state.limit:
-            slot = max(start, state.reset_at)
-            state = replace(state, next_window_taken=state.next_window_taken + 1, updated_at=now)
+        slot = max(start, state.reset_at)
+        taken = state.next_window_taken
+        state = replace(state, next_window_taken=taken + 1, updated_at=now)
+        if taken < state.limit:
             return _at(state, ticket, slot, now, "quota spent, waiting for the window to reset (shared gate)")
-        # This window's quota is handed out too; look again once it has opened.
-        return _recheck(state, ticket, max(start, state.reset_at) + RECHECK_SECONDS, now)
+        # The next window's quota is handed out too: look again once the window this task
+        # would fit in (``taken // limit`` windows later) can have opened. The windows'
+        # length is known only from below, so the look may come early (and the task waits
+        # again), never late by more than RECHECK_SECONDS; it sends nothing by itself.
+        windows_later = taken // state.limit
+        return _recheck(state, ticket, slot + windows_later * state.window_seconds + RECHECK_SECONDS, now)
 
     if state.limit and any(send_at <= now for send_at in state.tickets.values()):
         # A window's quota was handed out and its holders have not reported yet: wait

@@ -288,10 +288,27 @@ class TestAdmit:
         times, state = admit_all(state, ["a", "b", "c", "d", "e"])
         assert times[:3] == [NOW + 60] * 3
         assert all(t > NOW + 60 for t in times[3:])
-        # The rest hold no time: they ask again once the window has opened.
+        # The rest hold no time: they ask again once the window after can have opened. The
+        # window was first reported at NOW, ending at NOW + 60: it is at least 60 s long.
         assert set(state.tickets) == {"a", "b", "c"}
-        assert times[3:] == [NOW + 60 + RECHECK_SECONDS] * 2
-        assert state.next_window_taken == 3
+        assert state.window_seconds == 60
+        assert times[3:] == [NOW + 60 + 60 + RECHECK_SECONDS] * 2
+        assert state.next_window_taken == 5  # 3 times handed out, 2 sent to the window after
+
+    def test_fixed_window_mode_spreads_the_overflow_over_the_windows_it_fits_in(self):
+        # A window of 3, first reported at NOW and ending at NOW + 60 (so at least 60 s long):
+        # 3 tasks hold the reset time, the next 3 look again once the window after can have
+        # opened, the 3 after those a window later. No task comes back before its window.
+        headers = {"X-RateLimit-Limit": "3", "X-RateLimit-Remaining": "0", "X-RateLimit-Reset": str(int(NOW) + 60)}
+        state = observe(GateState(), headers, now=NOW)
+        times, state = admit_all(state, list("abcdefghi"))
+        assert times == [NOW + 60] * 3 + [NOW + 121] * 3 + [NOW + 181] * 3
+        assert set(state.tickets) == {"a", "b", "c"}
+
+    def test_an_unknown_window_length_makes_the_overflow_look_again_right_after_the_reset(self):
+        state = GateState(remaining=0, reset_at=NOW + 10, limit=2, blocked_until=NOW + 10, updated_at=NOW)
+        times, _ = admit_all(state, list("abcde"))
+        assert times == [NOW + 10] * 2 + [NOW + 10 + RECHECK_SECONDS] * 3
 
     def test_a_ticket_holder_coming_back_at_its_time_is_let_through_and_its_ticket_removed(self):
         state = admit(GateState(blocked_until=NOW + 30), "a", now=NOW).state
@@ -665,6 +682,13 @@ class TestSimulatedApis:
         server_class, rate = SERVERS[shape]
         result = simulate(server_class(), tasks=50, seed=5, max_lateness=MAX_LATENESS, arrival_spread=20.0)
         assert_well_behaved(result, rate)
+
+    def test_in_a_fixed_window_no_task_goes_round_the_gate_more_than_twice(self):
+        # Each go round is a task launch in Airflow: a task that does not fit in the current
+        # window should come back once, when its window has opened, not every window.
+        result = simulate(FixedWindowServer(), tasks=60, seed=3, max_lateness=0.5)
+        assert_well_behaved(result, SERVERS["fixed-window"][1])
+        assert result.max_admits <= 2, result.summary()
 
     def test_without_the_gate_the_same_load_is_mostly_refused(self):
         # The control: the same tasks each on their own (a fresh state per request) hammer the API.

@@ -16,9 +16,9 @@ Every page is a request of its own through the operator's loop, so each one asks
 shared gate first (a page sent with ``x-ratelimit-remaining: 0`` on the previous one waits
 for the reset without sending) and handles its own rate limit. A wait in the middle of the
 pages that is longer than ``in_process_wait_threshold`` (so not slept in the task)
-reschedules the task, and the task then starts again from the first page: Airflow clears a
-task's XComs when it comes back from a reschedule, so there is nowhere to keep the pages
-already read.
+defers (or reschedules) the task, and the task then starts again from the first page: it
+comes back in a new process, and Airflow clears a task's XComs when it comes back from a
+reschedule, so there is nowhere to keep the pages already read.
 
 Connection: an HTTP Connection with host ``api.github.com``, schema ``https`` and a token as
 extra header, e.g. ``AIRFLOW_CONN_GITHUB_API='{"conn_type": "http", "host": "api.github.com",

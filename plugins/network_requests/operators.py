@@ -75,21 +75,27 @@ DEFAULT_REQUEST_DEADLINE = timedelta(minutes=5)
 #: How much of an error body goes into a failure message.
 ERROR_BODY_PREVIEW_CHARS = 300
 _READ_CHUNK_BYTES = 64 * 1024
-#: Waits up to this long are slept in the running task by default. Measured with
-#: ``make bench`` (60 requests at 1/s, 4 slots): a reschedule costs a new task process
-#: (2-4 s of slot time here) and a trip through the scheduler queue, and a reschedule due in
-#: the next few seconds can race the executor's report of the previous run, which Airflow
-#: 3.3.2 then counts as a failed try (apache/airflow#71172). With 5 s: 60 task launches
-#: instead of 135, no try spent, makespan 57 s instead of 86 s.
-DEFAULT_IN_PROCESS_WAIT_THRESHOLD = timedelta(seconds=5)
+#: With ``deferrable=False``, waits up to this long are slept in the running task by default.
+#: A reschedule costs a new task process and a trip through the scheduler queue, and is never
+#: due sooner than MIN_RESCHEDULE_DELAY, so shorter waits are cheaper slept. Measured with
+#: ``make bench`` (60 requests at 1/s, 4 slots): 60 task launches instead of 135, no try
+#: spent, makespan 57 s instead of 86 s.
+DEFAULT_RESCHEDULE_IN_PROCESS_THRESHOLD = timedelta(seconds=5)
+#: With ``deferrable=True`` (the default) nothing is slept in the task by default: a deferral
+#: has no minimum delay, and a task launch costs less slot time than the waits it replaces.
+#: Measured with ``make bench``: 0 slot-seconds waiting and half the busy slot time of the
+#: 5 s in-process threshold, for a makespan still within 1.25x of the ideal.
+DEFAULT_DEFERRED_IN_PROCESS_THRESHOLD = timedelta(0)
 #: At most this many in-process waits per run of the task, so a slot is never held for long.
 MAX_IN_PROCESS_WAITS = 5
-#: A reschedule or deferral is never due sooner than this: one due within seconds can race
-#: the executor's report of the run that asked for it, and Airflow 3.3.2 then counts a failed
-#: try (apache/airflow#71172). The supervisor notices its task exited only at its next wake-up,
-#: up to [workers] min_heartbeat_interval (5 s) later, and the scheduler reads the report a
-#: loop after that: 5 s was measured to be too short. Waiting longer than the server asked is
-#: always allowed.
+#: A reschedule is never due sooner than this: one due within seconds can race the
+#: executor's report of the run that asked for it, and Airflow 3.3.2 then counts a failed try
+#: (apache/airflow#71172). The supervisor notices its task exited only at its next wake-up,
+#: up to [workers] min_heartbeat_interval later, and the scheduler reads the report a loop
+#: after that: 5 s was measured to be too short. Waiting longer than the server asked is
+#: always allowed. A deferral needs no minimum: the scheduler recognises a task resumed from
+#: a deferral before that report arrives ("resume-after-defer" in
+#: SchedulerJobRunner._process_executor_events), which tests/reliability checks.
 MIN_RESCHEDULE_DELAY = timedelta(seconds=10)
 
 
@@ -173,10 +179,11 @@ class NetworkRequestOperator(BaseOperator):
     Send one HTTP request through an Airflow Connection, respecting the server's rate limits.
 
     On a rate-limited response (429, 503 with ``Retry-After``, 403 with a spent quota) the
-    task is rescheduled for the moment the server allows: it goes to ``up_for_reschedule``,
-    frees its worker slot, keeps its ``try_number``, and sends the request again then,
-    never earlier. The wait comes from ``Retry-After``, else from a reset header when the
-    quota is spent, else from the task's ``retry_delay`` with ``retry_exponential_backoff``.
+    task waits for the moment the server allows: it defers to the triggerer (``deferred``;
+    or, with ``deferrable=False``, goes to ``up_for_reschedule``), frees its worker slot,
+    keeps its ``try_number``, and sends the request again then, never earlier. The wait
+    comes from ``Retry-After``, else from a reset header when the quota is spent, else from
+    the task's ``retry_delay`` with ``retry_exponential_backoff``.
 
     :param http_conn_id: the HTTP Connection with the base URL, auth and extra headers.
     :param endpoint: path on the Connection's host, e.g. ``/api/users`` (templated).
@@ -203,9 +210,12 @@ class NetworkRequestOperator(BaseOperator):
     :param extra_options: extra ``HttpHook`` options (``verify``, ``proxies``, ...).
     :param shared_gate: share what the server said with every task of the same connection
         (an Airflow Variable), so they wait without sending and queue for their turn.
-    :param deferrable: wait in the triggerer (``DateTimeTrigger``) instead of rescheduling.
+    :param deferrable: wait in the triggerer (a ``DateTimeTrigger`` due at the allowed
+        moment), the default; needs a running triggerer. ``False`` reschedules instead
+        (``up_for_reschedule``, never due sooner than ``MIN_RESCHEDULE_DELAY``).
     :param in_process_wait_threshold: waits this short happen inside the running task
-        (holding its slot) instead of a reschedule; at most ``MAX_IN_PROCESS_WAITS`` per run.
+        (holding its slot) instead of a deferral or reschedule; at most
+        ``MAX_IN_PROCESS_WAITS`` per run. Default: 0 when deferrable, else 5 s.
     """
 
     template_fields: Sequence[str] = (
@@ -242,8 +252,8 @@ class NetworkRequestOperator(BaseOperator):
         rate_limit_jitter: float = 0.1,
         extra_options: dict[str, Any] | None = None,
         shared_gate: bool = True,
-        deferrable: bool = False,
-        in_process_wait_threshold: timedelta | float = DEFAULT_IN_PROCESS_WAIT_THRESHOLD,
+        deferrable: bool = True,
+        in_process_wait_threshold: timedelta | float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -266,6 +276,10 @@ class NetworkRequestOperator(BaseOperator):
         self.extra_options = extra_options or {}
         self.shared_gate = shared_gate
         self.deferrable = deferrable
+        if in_process_wait_threshold is None:
+            in_process_wait_threshold = (
+                DEFAULT_DEFERRED_IN_PROCESS_THRESHOLD if deferrable else DEFAULT_RESCHEDULE_IN_PROCESS_THRESHOLD
+            )
         self.in_process_wait_threshold = _as_timedelta(in_process_wait_threshold, "in_process_wait_threshold") or timedelta(0)
 
     # -- seams for tests and subclasses -------------------------------------------------
@@ -600,7 +614,11 @@ class NetworkRequestOperator(BaseOperator):
             mode = "defer"
         else:
             mode = "reschedule"
-        resume_at = wait.not_before if mode == "in_process" else max(wait.not_before, now + MIN_RESCHEDULE_DELAY)
+        resume_at = {
+            "in_process": wait.not_before,
+            "defer": wait.not_before,
+            "reschedule": max(wait.not_before, now + MIN_RESCHEDULE_DELAY),
+        }[mode]
         self.log.info(
             "%s; waiting %.3fs (%s) until %s, %s%s, without spending a try",
             reason,

@@ -70,6 +70,9 @@ with DAG(
         endpoint="/handoff",
         queue="{HANDOFF_QUEUE}",
         retries=0,
+        # The reschedule path: the task goes back through the Celery queue (a deferral would
+        # too, after a trip through the triggerer; tests/reliability covers that path).
+        deferrable=False,
         # Which worker sent each request, as the server sees it (ti.hostname is rendered
         # from [core] hostname_callable before the templates).
         headers={{"X-Airflow-Hostname": "{{{{ ti.hostname }}}}", "X-Airflow-Run-Id": "{{{{ run_id }}}}"}},

@@ -77,7 +77,7 @@ def test_periodic_dag_and_a_burst_of_one_off_runs_share_the_rate_limit(stack, de
     elapsed = time.monotonic() - begin
     assert {run_id: run["state"] for run_id, run in finished.items()} == dict.fromkeys(finished, "success")
 
-    # Every task succeeded in its first try: 429s were waited out by rescheduling, not retries.
+    # Every task succeeded in its first try: 429s were waited out by deferrals, not retries.
     instances = {run_id: stack.task_instances(ONCE, run_id) for run_id in once_runs}
     instances[periodic_run_id] = stack.task_instances(PERIODIC, periodic_run_id)
     all_tis = [ti for tis in instances.values() for ti in tis]

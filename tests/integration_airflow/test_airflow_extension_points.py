@@ -75,7 +75,7 @@ class SlackApiOperator(NetworkRequestOperator):
             return Outcome.RATE_LIMITED
         return classify(response.status_code, response.headers)
 '''
-    task = run_subclass(request, scripted_api, subclass, "SlackApiOperator(task_id='t', endpoint='/api/conversations.list', in_process_wait_threshold=0)")
+    task = run_subclass(request, scripted_api, subclass, "SlackApiOperator(task_id='t', endpoint='/api/conversations.list', deferrable=False, in_process_wait_threshold=0)")
 
     assert task.state == "success" and task.try_number == 1 and task.reschedules == 1
     assert task.xcom == {"ok": True, "channels": []}

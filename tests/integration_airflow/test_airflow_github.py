@@ -92,7 +92,7 @@ def test_primary_limit_remaining_zero_waits_until_the_reset_epoch(request, scrip
     dag_id = dag_id_for(request)
 
     result = run_source(
-        dag_id, github_dag(dag_id, "endpoint='/user/repos', in_process_wait_threshold=0"), base_url=scripted_api.base_url
+        dag_id, github_dag(dag_id, "endpoint='/user/repos', deferrable=False, in_process_wait_threshold=0"), base_url=scripted_api.base_url
     )
 
     task = result.task("gh")

@@ -67,7 +67,7 @@ def test_api_endpoint_link_is_the_request_url_without_credentials(request, scrip
     body = one_task_dag(
         dag_id,
         "NetworkRequestOperator(task_id='fetch', endpoint='/api/users/{{ dag_run.conf.get(\"id\", 7) }}?api_key=k3y&page=2', "
-        "in_process_wait_threshold=0)",
+        "deferrable=False, in_process_wait_threshold=0)",
         imports="from network_requests import NetworkRequestOperator",
     )
 
@@ -118,7 +118,7 @@ def test_the_listener_records_rate_limit_waits_in_the_wait_history(request, scri
     dag_id = dag_id_for(request)
     body = one_task_dag(
         dag_id,
-        f"NetworkRequestOperator(task_id='fetch', http_conn_id={conn_id!r}, endpoint='/api/orders', in_process_wait_threshold=0)",
+        f"NetworkRequestOperator(task_id='fetch', http_conn_id={conn_id!r}, endpoint='/api/orders', deferrable=False, in_process_wait_threshold=0)",
         imports="from network_requests import NetworkRequestOperator",
     )
 

@@ -18,7 +18,7 @@ def test_a_returned_endpoint_is_sent_and_a_429_reschedules_without_spending_a_tr
     body = one_task_dag(
         dag_id,
         """
-        @network_request_task(http_conn_id="network_request_api", retries=2, in_process_wait_threshold=0)
+        @network_request_task(http_conn_id="network_request_api", retries=2, deferrable=False, in_process_wait_threshold=0)
         def user(user_id: int):
             return f"/api/users/{user_id}"
 

@@ -256,9 +256,9 @@ from network_requests import NetworkRequestOperator
 
 with DAG(dag_id={dag_id!r}, schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
          default_args={{"retries": 0}}) as dag:
-    NetworkRequestOperator(task_id="a", endpoint="/a", in_process_wait_threshold=0)
-    NetworkRequestOperator(task_id="b", endpoint="/b", in_process_wait_threshold=0)
-    NetworkRequestOperator(task_id="c", endpoint="/c", in_process_wait_threshold=0)
+    NetworkRequestOperator(task_id="a", endpoint="/a", deferrable=False, in_process_wait_threshold=0)
+    NetworkRequestOperator(task_id="b", endpoint="/b", deferrable=False, in_process_wait_threshold=0)
+    NetworkRequestOperator(task_id="c", endpoint="/c", deferrable=False, in_process_wait_threshold=0)
 '''
     path = write_dag_file(TEST_DAGS_DIR, dag_id, source)
     started = time.time()
@@ -302,7 +302,12 @@ def test_redirect_on_the_same_host_is_followed(request, scripted_api):
     assert [r.path for r in scripted_api.requests] == ["/api/users", "/api/v2/users"]
 
 
-def test_by_default_a_short_wait_is_slept_in_the_task_and_a_long_one_rescheduled(request, scripted_api):
+def test_by_default_every_wait_is_deferred_and_none_is_slept_in_the_task(request, scripted_api):
+    """The default (deferrable, threshold 0): a 1 s and a 7 s wait both go to the triggerer."""
+    from tests.integration_airflow.airflow_helpers import delete_variable, read_variable
+
+    history_key = "network_requests.waits.network_request_api"
+    delete_variable(history_key)
     scripted_api.script(
         ScriptedResponse.too_many_requests(retry_after=1),
         ScriptedResponse.too_many_requests(retry_after=7),
@@ -317,7 +322,28 @@ def test_by_default_a_short_wait_is_slept_in_the_task_and_a_long_one_rescheduled
     task = result.task("request")
     assert task.state == "success"
     assert task.try_number == 1
-    assert task.reschedules == 1, "1 s is under the default 5 s threshold, 7 s is not"
+    assert task.reschedules == 0, "deferred, not rescheduled"
+    assert [w["mode"] for w in json.loads(read_variable(history_key))] == ["defer", "defer"]
+    assert scripted_api.gaps()[0] >= 1.0 and scripted_api.gaps()[1] >= 7.0
+
+
+def test_without_deferral_a_short_wait_is_slept_in_the_task_and_a_long_one_rescheduled(request, scripted_api):
+    scripted_api.script(
+        ScriptedResponse.too_many_requests(retry_after=1),
+        ScriptedResponse.too_many_requests(retry_after=7),
+        ScriptedResponse(body={"ok": True}),
+    )
+    dag_id = request.node.name
+    set_connection(scripted_api.base_url)
+    source = operator_dag_source(dag_id, "endpoint='/api/users', deferrable=False", FAST_RETRIES)
+    path = write_dag_file(TEST_DAGS_DIR, dag_id, source)
+
+    result = run_dag(path, dag_id)
+
+    task = result.task("request")
+    assert task.state == "success"
+    assert task.try_number == 1
+    assert task.reschedules == 1, "1 s is under the 5 s threshold of the reschedule path, 7 s is not"
     assert scripted_api.gaps()[0] >= 1.0 and scripted_api.gaps()[1] >= 7.0
 
 

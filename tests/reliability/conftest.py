@@ -64,11 +64,13 @@ DAG_IDS = {
     "c5_huge": "rel_huge_body",
     "c5_drip": "rel_drip_execution_timeout",
     "c6": "rel_stack_restart",
+    "c6d": "rel_stack_restart_deferred",
     "c7": "rel_hostile_endpoints",
     "c8": "rel_odd_responses",
     "c9": "rel_secrets",
     "c11": "rel_idempotent_output",
     "c12": "rel_short_waits",
+    "c13": "rel_deferred_short_waits",
 }
 PROJECT_DAGS = ("network_request_once",)
 
@@ -111,7 +113,7 @@ def servers() -> Iterator[Servers]:
 
 def connections(servers: Servers) -> dict[str, str]:
     """``AIRFLOW_CONN_*`` of the stack: a Connection per case (the shared gate is per Connection)."""
-    env = {f"AIRFLOW_CONN_REL_{case.upper()}": servers.api.base_url for case in ("c1", "c4", "c6", "c7", "c8", "c11", "c12")}
+    env = {f"AIRFLOW_CONN_REL_{case.upper()}": servers.api.base_url for case in ("c1", "c4", "c6", "c6d", "c7", "c8", "c11", "c12", "c13")}
     env["AIRFLOW_CONN_REL_C2"] = servers.kill_api.base_url
     env["AIRFLOW_CONN_REL_C3"] = f"http://127.0.0.1:{servers.down_port}"
     env["AIRFLOW_CONN_REL_C5"] = servers.stream_api.base_url
@@ -142,6 +144,7 @@ def write_dags(folder: Path, servers: Servers) -> None:
         DAG_IDS["c5_huge"]: dag_sources.huge_body_dag(DAG_IDS["c5_huge"], "rel_c5"),
         DAG_IDS["c5_drip"]: dag_sources.drip_execution_timeout_dag(DAG_IDS["c5_drip"], "rel_c5d"),
         DAG_IDS["c6"]: dag_sources.rate_limit_wait_dag(DAG_IDS["c6"], "rel_c6", "/c6/wait"),
+        DAG_IDS["c6d"]: dag_sources.rate_limit_wait_dag(DAG_IDS["c6d"], "rel_c6d", "/c6d/wait", deferrable=True),
         DAG_IDS["c7"]: dag_sources.hostile_endpoints_dag(
             DAG_IDS["c7"], "rel_c7", [e.format(evil=evil) for e in HOSTILE_ENDPOINTS], LOOSE_ENDPOINT.format(evil=evil)
         ),
@@ -149,6 +152,7 @@ def write_dags(folder: Path, servers: Servers) -> None:
         DAG_IDS["c9"]: dag_sources.secrets_dag(DAG_IDS["c9"], "rel_c9"),
         DAG_IDS["c11"]: dag_sources.idempotent_dag(DAG_IDS["c11"], "rel_c11"),
         DAG_IDS["c12"]: dag_sources.short_waits_dag(DAG_IDS["c12"], "rel_c12"),
+        DAG_IDS["c13"]: dag_sources.deferred_short_waits_dag(DAG_IDS["c13"], "rel_c13"),
     }
     for dag_id, source in sources.items():
         (folder / f"{dag_id}.py").write_text(source.lstrip())

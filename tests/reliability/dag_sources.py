@@ -39,7 +39,8 @@ def _dag(dag_id: str, body: str, *, default_args: str = "{'retries': 2, 'retry_d
 
 
 # Case 1 and case 6: a rate-limit wait across a crash of the scheduler / a restart of the stack.
-def rate_limit_wait_dag(dag_id: str, conn_id: str, endpoint: str) -> str:
+# Rescheduled (up_for_reschedule) unless deferrable: then deferred (case 6d).
+def rate_limit_wait_dag(dag_id: str, conn_id: str, endpoint: str, *, deferrable: bool = False) -> str:
     return _dag(
         dag_id,
         f"""
@@ -48,6 +49,7 @@ def rate_limit_wait_dag(dag_id: str, conn_id: str, endpoint: str) -> str:
             http_conn_id={conn_id!r},
             endpoint={endpoint!r},
             output_path=f"{{data_dir()}}/{dag_id}/{{RUN_FOLDER_TEMPLATE}}/response.json",
+            deferrable={deferrable!r},
         )
         """,
     )
@@ -194,12 +196,18 @@ SHORT_WAIT_TASKS = 4
 SHORT_WAIT_429S = 6
 
 
-def short_waits_dag(dag_id: str, conn_id: str) -> str:
+def short_waits_dag(dag_id: str, conn_id: str, *, path: str = "c12", operator_args: str = ", deferrable=False") -> str:
     tasks = "\n".join(
-        f"NetworkRequestOperator(task_id='fetch_{index}', http_conn_id={conn_id!r}, endpoint='/c12/item/{index}')"
+        f"NetworkRequestOperator(task_id='fetch_{index}', http_conn_id={conn_id!r}, "
+        f"endpoint='/{path}/item/{index}'{operator_args})"
         for index in range(SHORT_WAIT_TASKS)
     )
     return _dag(dag_id, tasks)
+
+
+# Case 13: the same short waits, each one deferred to the triggerer (nothing slept in the task).
+def deferred_short_waits_dag(dag_id: str, conn_id: str) -> str:
+    return short_waits_dag(dag_id, conn_id, path="c13", operator_args=", deferrable=True, in_process_wait_threshold=0")
 
 
 # Case 9: a Connection with a password and an auth header in extra.

@@ -16,10 +16,11 @@
    that the task instance ... finished with state success, but the task instance's state
    attribute is queued"; apache/airflow#71172). The gate's 1 s rechecks and any
    ``Retry-After: 1`` produced exactly that, and the shipped periodic DAG (6 tasks, one
-   Connection) is the pattern. Now waits up to ``in_process_wait_threshold`` (5 s) are slept in
-   the task and no reschedule is due sooner than ``MIN_RESCHEDULE_DELAY`` (5 s). The race is
-   Airflow's and depends on timing (a supervisor was seen reporting 5.4 s late under load), so
-   its test stays a non-strict xfail.
+   Connection) is the pattern. Now, with ``deferrable=False``, waits up to
+   ``in_process_wait_threshold`` (5 s) are slept in the task and no reschedule is due sooner
+   than ``MIN_RESCHEDULE_DELAY`` (10 s). The race is Airflow's and depends on timing (a
+   supervisor was seen reporting 5.4 s late under load), so its test stays a non-strict xfail.
+   The default, ``deferrable=True``, is not raced (the last test here).
 """
 
 from __future__ import annotations
@@ -84,3 +85,33 @@ def test_short_rate_limit_waits_never_cost_a_try(stack, api):
     print(f"\n[short waits] {summary}")
     assert run["state"] == "success", summary
     assert all(ti["try_number"] == 1 for ti in tis), f"a rate-limit wait spent a try: {summary}"
+
+
+def test_short_rate_limit_waits_deferred_to_the_triggerer_never_cost_a_try(stack, api):
+    """The same short waits with ``deferrable=True`` and nothing slept in the task: every wait of
+    ``Retry-After: 1`` is a deferral due a second later. Airflow 3.3.2 recognises a task resumed
+    from a deferral before the executor's report of the deferring run arrives (the scheduler's
+    "resume-after-defer" case), so, unlike a reschedule, this is not raced: strict, no xfail."""
+    dag_id = DAG_IDS["c13"]
+    for index in range(dag_sources.SHORT_WAIT_TASKS):
+        api.route(
+            f"/c13/item/{index}",
+            *[ScriptedResponse.too_many_requests(retry_after=1)] * dag_sources.SHORT_WAIT_429S,
+            ScriptedResponse(body={"item": index}),
+        )
+
+    run_id = stack.trigger(dag_id)
+    run = stack.wait_for_run(dag_id, run_id, timeout=180)
+
+    tis = stack.task_instances(dag_id, run_id)
+    summary = [(ti["task_id"], ti["state"], ti["try_number"]) for ti in tis]
+    print(f"\n[deferred short waits] {summary}")
+    assert run["state"] == "success", summary
+    assert all(ti["try_number"] == 1 for ti in tis), f"a deferred rate-limit wait spent a try: {summary}"
+    for index in range(dag_sources.SHORT_WAIT_TASKS):
+        times = [r.received_monotonic for r in api.requests_for(f"/c13/item/{index}")]
+        assert len(times) == dag_sources.SHORT_WAIT_429S + 1, (index, len(times))
+        # Each 429 asked for 1 s; the server sees the next request at least that much later.
+        gaps = [later - earlier for earlier, later in zip(times, times[1:])]
+        print(f"[deferred short waits] fetch_{index}: gaps after each 429 {[round(g, 2) for g in gaps]}")
+        assert min(gaps) >= 0.99, f"fetch_{index} re-sent before the 1 s Retry-After: {gaps}"

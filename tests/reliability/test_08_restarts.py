@@ -1,7 +1,9 @@
 """Cases 6 and 1: a rate-limit wait (``up_for_reschedule``) across a restart of the whole stack,
 and across a scheduler that was SIGKILLed. The wait lives in the metadata database (the task
 instance's reschedule date), so a new scheduler on the same AIRFLOW_HOME picks it up: the
-request is sent again once, never before the time the server asked.
+request is sent again once, never before the time the server asked. Case 6d: the same
+restart during a deferred wait (the default), which lives in the database as a trigger row
+that the new triggerer picks up.
 
 The server asks for RETRY_AFTER seconds, longer than a restart takes, so the restarted
 scheduler really has to hold the task back (checked: otherwise the test fails as vacuous).
@@ -26,17 +28,17 @@ pytestmark = pytest.mark.reliability
 
 #: Longer than a restart takes here (30-40 s on 2 cores), so the restarted scheduler really
 #: has to hold the task back; the SIGKILL case loses a few seconds more.
-RETRY_AFTER = {"c6": 45, "c1": 60}
+RETRY_AFTER = {"c6": 45, "c6d": 45, "c1": 60}
 BODY = {"kept": "across restarts"}
 
 
-def _start_waiting(stack, api, dag_id: str, path: str, retry_after: int):
+def _start_waiting(stack, api, dag_id: str, path: str, retry_after: int, state: str = "up_for_reschedule"):
     api.route(path, ScriptedResponse.too_many_requests(retry_after=retry_after), ScriptedResponse(body=BODY))
     run_id = stack.trigger(dag_id)
     first = api.wait_for_path(path, 1, timeout=90)[0]
     stack.wait_for(
-        "up_for_reschedule",
-        lambda: stack.task_instance(dag_id, run_id, "request")["state"] == "up_for_reschedule",
+        state,
+        lambda: stack.task_instance(dag_id, run_id, "request")["state"] == state,
         timeout=30,
         interval=0.3,
     )
@@ -67,6 +69,17 @@ def test_a_rate_limit_wait_spans_a_restart_of_the_whole_stack(stack, api):
     took = stack.restart(dag_ids=[dag_id])  # SIGINT to `make run`, then start it again
     restarted_at = time.time()
     print(f"\n[case 6] stack stopped with SIGINT and started again in {took:.0f}s")
+
+    _check_resumed_once(stack, api, dag_id, run_id, path, allowed_at, restarted_at)
+
+
+def test_a_deferred_rate_limit_wait_spans_a_restart_of_the_whole_stack(stack, api):
+    dag_id, path = DAG_IDS["c6d"], "/c6d/wait"
+    run_id, allowed_at = _start_waiting(stack, api, dag_id, path, RETRY_AFTER["c6d"], state="deferred")
+
+    took = stack.restart(dag_ids=[dag_id])
+    restarted_at = time.time()
+    print(f"\n[case 6d] stack stopped with SIGINT during a deferral and started again in {took:.0f}s")
 
     _check_resumed_once(stack, api, dag_id, run_id, path, allowed_at, restarted_at)
 

@@ -138,10 +138,13 @@ with DAG(
 
 
 def rescheduling(operator_kwargs: str) -> str:
-    """Operator kwargs with in-process waiting off, so even a 1 s wait takes the reschedule path."""
-    if "in_process_wait_threshold" in operator_kwargs:
-        return operator_kwargs
-    return f"{operator_kwargs}, in_process_wait_threshold=0"
+    """Operator kwargs with in-process waiting off and deferral off (unless the kwargs set them),
+    so even a 1 s wait takes the reschedule path."""
+    if "in_process_wait_threshold" not in operator_kwargs:
+        operator_kwargs = f"{operator_kwargs}, in_process_wait_threshold=0"
+    if "deferrable" not in operator_kwargs:
+        operator_kwargs = f"{operator_kwargs}, deferrable=False"
+    return operator_kwargs
 
 
 def set_connection(base_url: str) -> None:

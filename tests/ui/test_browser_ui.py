@@ -3,10 +3,10 @@
 Starts the stack as `make run` does (scripts/run_embedded.py, reusing the helpers of
 tests/e2e/test_embedded_stack.py: private AIRFLOW_HOME, free 127.0.0.1 ports, the demo
 API), waits for the first `network_request_periodic` run, whose tight demo API makes some
-`fetch` tasks wait in `up_for_reschedule`, then, as a person would:
+`fetch` tasks wait (deferred to the triggerer), then, as a person would:
 
 1. logs in (simple auth manager, the generated admin password);
-2. opens the DAG, then the logs of a `fetch` task that was rescheduled;
+2. opens the DAG, then the logs of a `fetch` task that waited;
 3. opens its Details, follows the "API endpoint" extra link;
 4. opens Browse → "Rate limits" and reads the plugin's page inside the UI.
 
@@ -127,7 +127,7 @@ def body_text(driver) -> str:
     return driver.find_element(By.TAG_NAME, "body").text
 
 
-def test_rescheduled_task_extra_link_and_rate_limit_page_in_the_browser(stack: Stack, browser):
+def test_waiting_task_extra_link_and_rate_limit_page_in_the_browser(stack: Stack, browser):
     started = time.monotonic()
     shutil.rmtree(ARTIFACTS, ignore_errors=True)
     ARTIFACTS.mkdir(parents=True)
@@ -136,16 +136,16 @@ def test_rescheduled_task_extra_link_and_rate_limit_page_in_the_browser(stack: S
     password = json.loads((stack.home / "simple_auth_manager_passwords.json.generated").read_text())["admin"]
     api = Api(base, password)
 
-    # The first periodic run: find a fetch task that the wait history says was rescheduled,
+    # The first periodic run: find a fetch task that the wait history says was deferred,
     # and wait for it to succeed.
     found: dict[str, object] = {}
 
-    def rescheduled_task_succeeded() -> bool:
+    def deferred_task_succeeded() -> bool:
         variable = api.get(f"/api/v2/variables/network_requests.waits.{CONN_ID}")
         runs = api.get(f"/api/v2/dags/{DAG_ID}/dagRuns?order_by=-run_after&limit=1")
         if not variable or not runs or not runs["dag_runs"]:
             return False
-        waits = [w for w in json.loads(variable["value"]) if w["mode"] == "reschedule"]
+        waits = [w for w in json.loads(variable["value"]) if w["mode"] == "defer"]
         run_id = runs["dag_runs"][0]["dag_run_id"]
         for wait_entry in waits:
             label = wait_entry["task"]  # network_request_periodic.fetch[3]
@@ -158,7 +158,7 @@ def test_rescheduled_task_extra_link_and_rate_limit_page_in_the_browser(stack: S
                 return True
         return False
 
-    _wait_for("a rescheduled fetch task of the first periodic run to succeed", rescheduled_task_succeeded, RUN_TIMEOUT, stack)
+    _wait_for("a deferred fetch task of the first periodic run to succeed", deferred_task_succeeded, RUN_TIMEOUT, stack)
     run_id, map_index, expected_url = found["run_id"], found["map_index"], found["url"]
     assert found["ti"]["try_number"] == 1, "a rate-limit wait must not spend a try"
     task_path = f"/dags/{DAG_ID}/runs/{urllib.parse.quote(str(run_id))}/tasks/fetch/mapped/{map_index}"
@@ -175,15 +175,15 @@ def test_rescheduled_task_extra_link_and_rate_limit_page_in_the_browser(stack: S
     wait(browser, EC.presence_of_element_located((By.XPATH, "//button[normalize-space()='Browse']")))
     shoot(browser, "02-home")
 
-    # 2. The DAG, then the logs of the task that waited in up_for_reschedule.
+    # 2. The DAG, then the logs of the task that waited, deferred.
     browser.get(f"{base}/dags/{DAG_ID}")
     wait(browser, EC.presence_of_element_located((By.XPATH, f"//*[contains(text(), '{DAG_ID}')]")))
     shoot(browser, "03-dag")
     browser.get(base + task_path)
-    wait(browser, lambda d: "rescheduled" in body_text(d))
+    wait(browser, lambda d: "without spending a try" in body_text(d))
     logs = body_text(browser)
-    assert "without spending a try" in logs
-    shoot(browser, "04-task-logs-rescheduled")
+    assert "deferred" in logs
+    shoot(browser, "04-task-logs-deferred")
 
     # 3. Details → Extra Links → "API endpoint": the request URL, no credentials.
     browser.get(base + task_path + "/details")

@@ -19,7 +19,7 @@ A conf that breaks these rules is refused when the run is triggered, with a mess
 naming the param. The response is saved as
 `$NETWORK_REQUESTS_DATA_DIR/network_request_once/<run id>/response` and its location,
 status and size are the task's XCom. On 429 the task waits the server's `Retry-After`
-(`up_for_reschedule`); server errors are retried.
+(deferred); server errors are retried.
 """
 
 from __future__ import annotations

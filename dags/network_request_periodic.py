@@ -7,8 +7,8 @@ task per endpoint, and saves each response under the data folder:
 `$NETWORK_REQUESTS_DATA_DIR/network_request_periodic/<run id>/<endpoint>.json`.
 
 The endpoints are fetched at once, so a tight API answers some of them with
-**429 Too Many Requests**. Those tasks go to `up_for_reschedule` (no retry spent,
-no worker slot held) and run again when the server's `Retry-After` allows.
+**429 Too Many Requests**. Those tasks are deferred (no retry spent, no worker slot
+held) and run again when the server's `Retry-After` allows.
 Server errors and connection problems use the normal `retries`.
 
 `catchup=False` and `max_active_runs=1`: a run slowed by a rate limit never piles

@@ -52,8 +52,7 @@ DEFAULT_PORT = 8090
 # Tight on purpose: a periodic run that fetches ~6 endpoints at once gets 3
 # answers, then 429s, and must honour Retry-After to finish.
 # One request every 5 s after a burst of 3: the periodic DAG's six requests at once run
-# into it, and its later tasks wait longer than the operator sleeps in-process (5 s), so
-# the first run shows tasks going to up_for_reschedule in the UI.
+# into it, so the first run shows tasks waiting (deferred) in the UI.
 DEFAULT_RATE_PER_S = 0.2
 DEFAULT_BURST = 3
 

@@ -21,7 +21,7 @@ Where the response comes from:
 Anything else (no response, a status that is not a rate limit, a rate limit without a
 usable header) gets Airflow's default behaviour: ``retry_delay``, backoff, ``retries``.
 
-Unlike ``NetworkRequestOperator``, which *reschedules* (``up_for_reschedule``, same try),
+Unlike ``NetworkRequestOperator``, which *defers* (``deferred``, same try),
 a retry policy can only act on a failed try: every rate limit **spends one of the task's
 ``retries``**, and when they are used up the task fails. Give the task enough ``retries``.
 """

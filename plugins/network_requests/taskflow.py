@@ -1,7 +1,7 @@
 """``@network_request_task``: the operator's behaviour for TaskFlow users.
 
 The decorated function builds the request; the operator sends it, with everything
-``NetworkRequestOperator`` does (reschedule on rate limits without spending a try, the
+``NetworkRequestOperator`` does (wait out rate limits without spending a try, the
 shared gate, the "API endpoint" link, metrics). Like ``@task.bash``, where the function
 returns the command, here it returns the request::
 
@@ -18,7 +18,7 @@ returns the command, here it returns the request::
 
     fetch_user.expand(user_id=[1, 2, 3])
 
-The function runs in the task at every attempt (again after a reschedule), so it should
+The function runs in the task at every attempt (again after a deferral), so it should
 only build the request: keep side effects out of it. What it returns is not rendered as a
 Jinja template (it may carry values from a trigger form); its arguments are, as for any
 ``@task``. The XCom is the response, as for the operator.

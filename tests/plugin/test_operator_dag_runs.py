@@ -410,3 +410,17 @@ def test_output_path_outside_output_root_fails_before_any_request(request, scrip
     assert result.task("request").try_number == 1, "refused paths are permanent"
     assert scripted_api.request_count == 0
     assert not (tmp_path / "escaped.json").exists()
+
+
+def test_a_deferral_is_due_no_sooner_than_the_heartbeat_interval_plus_a_second(monkeypatch):
+    """So the run that deferred has been reported before the task can run again (see min_defer_delay)."""
+    from datetime import timedelta
+
+    from airflow.sdk.configuration import conf
+
+    from network_requests.operators import min_defer_delay
+
+    monkeypatch.setattr(conf, "getint", lambda section, key, **kwargs: {("workers", "min_heartbeat_interval"): 1}[(section, key)])
+    assert min_defer_delay() == timedelta(seconds=2)
+    monkeypatch.setattr(conf, "getint", lambda section, key, **kwargs: {("workers", "min_heartbeat_interval"): 5}[(section, key)])
+    assert min_defer_delay() == timedelta(seconds=6)

@@ -20,7 +20,7 @@
    ``in_process_wait_threshold`` (5 s) are slept in the task and no reschedule is due sooner
    than ``MIN_RESCHEDULE_DELAY`` (10 s). The race is Airflow's and depends on timing (a
    supervisor was seen reporting 5.4 s late under load), so its test stays a non-strict xfail.
-   The default, ``deferrable=True``, is not raced (the last test here).
+   The default, ``deferrable=True``, is kept out of the race (the last test here).
 """
 
 from __future__ import annotations
@@ -89,9 +89,9 @@ def test_short_rate_limit_waits_never_cost_a_try(stack, api):
 
 def test_short_rate_limit_waits_deferred_to_the_triggerer_never_cost_a_try(stack, api):
     """The same short waits with ``deferrable=True`` and nothing slept in the task: every wait of
-    ``Retry-After: 1`` is a deferral due a second later. Airflow 3.3.2 recognises a task resumed
-    from a deferral before the executor's report of the deferring run arrives (the scheduler's
-    "resume-after-defer" case), so, unlike a reschedule, this is not raced: strict, no xfail."""
+    ``Retry-After: 1`` is a deferral due ``min_heartbeat_interval`` + 1 s later (2 s here). Airflow
+    3.3.2 forgives the executor's late report of the deferring run while the task is back in
+    ``scheduled`` or queued, and by the time it can run again the report is in: strict, no xfail."""
     dag_id = DAG_IDS["c13"]
     for index in range(dag_sources.SHORT_WAIT_TASKS):
         api.route(

@@ -317,12 +317,26 @@ def observe(
     )
 
 
-def admit(state: GateState, ticket: str, *, now: float) -> Admission:
+def admit(
+    state: GateState, ticket: str, *, now: float, in_process_up_to: float = 0.0, min_wait: float = 0.0
+) -> Admission:
     """May the task holding ``ticket`` send now? If not, when?
 
     A task is given one send time and keeps it: coming back at that time it sends, unless
     the gate was closed past it meanwhile (a 429 elsewhere), in which case it queues again.
+
+    ``in_process_up_to`` and ``min_wait`` say when the task can really be back: it waits up
+    to ``in_process_up_to`` seconds where it is, and a longer wait takes at least
+    ``min_wait`` (a deferral's or a reschedule's minimum delay). Its send time is set to
+    that, and the times after it are spaced from it, so tasks held back by a minimum delay
+    don't come back in a bunch.
     """
+
+    def back_at(moment: float) -> float:
+        if moment <= now or moment - now <= in_process_up_to:
+            return moment
+        return max(moment, now + min_wait)
+
     state = _expire(state, now)
     held = state.tickets.get(ticket)
     if held is not None:
@@ -338,23 +352,24 @@ def admit(state: GateState, ticket: str, *, now: float) -> Admission:
         # Nothing known about this API yet: one request goes first and brings back its
         # limits, instead of everyone starting at once into a 429 the others can't see.
         if state.probe_until > now:
-            return _recheck(state, ticket, min(state.probe_until, now + RECHECK_SECONDS), now)
+            return _recheck(state, ticket, back_at(min(state.probe_until, now + RECHECK_SECONDS)), now)
         state = replace(state, probe_until=now + PROBE_TIMEOUT_SECONDS, updated_at=now)
         return Admission(send_at=now, reason=None, state=state)
     if state.remaining is None or state.remaining > 0:
         remaining = None if state.remaining is None else state.remaining - 1
+        send_at = back_at(start)
         # The next paced slot comes one interval after this send.
-        pacing_floor = max(state.next_slot, start + (state.interval or 0.0))
+        pacing_floor = max(state.next_slot, send_at + (state.interval or 0.0))
         state = replace(state, remaining=remaining, next_slot=pacing_floor, updated_at=now)
-        return _at(state, ticket, start, now, "the API is blocked (shared gate)")
+        return _at(state, ticket, send_at, now, "the API is blocked (shared gate)")
 
     if state.interval:
-        slot = max(start, state.next_slot)
+        slot = back_at(max(start, state.next_slot))
         state = replace(state, next_slot=slot + state.interval, updated_at=now)
         return _at(state, ticket, slot, now, "pacing to the API's rate (shared gate)")
 
     if state.reset_at is not None and state.limit:
-        slot = max(start, state.reset_at)
+        slot = back_at(max(start, state.reset_at))
         taken = state.next_window_taken
         state = replace(state, next_window_taken=taken + 1, updated_at=now)
         if taken < state.limit:
@@ -364,15 +379,15 @@ def admit(state: GateState, ticket: str, *, now: float) -> Admission:
         # length is known only from below, so the look may come early (and the task waits
         # again), never late by more than RECHECK_SECONDS; it sends nothing by itself.
         windows_later = taken // state.limit
-        return _recheck(state, ticket, slot + windows_later * state.window_seconds + RECHECK_SECONDS, now)
+        return _recheck(state, ticket, back_at(slot + windows_later * state.window_seconds + RECHECK_SECONDS), now)
 
     if state.limit and any(send_at <= now for send_at in state.tickets.values()):
         # A window's quota was handed out and its holders have not reported yet: wait
         # for what the server tells them instead of sending on top of them.
-        return _recheck(state, ticket, now + RECHECK_SECONDS, now)
+        return _recheck(state, ticket, back_at(now + RECHECK_SECONDS), now)
     # Quota reported spent but no reset time or rate: only the block is known; past it,
     # let the server say what comes next.
-    return _at(state, ticket, start, now, "the API is blocked (shared gate)")
+    return _at(state, ticket, back_at(start), now, "the API is blocked (shared gate)")
 
 
 def _at(state: GateState, ticket: str, send_at: float, now: float, reason: str) -> Admission:

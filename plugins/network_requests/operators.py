@@ -371,7 +371,7 @@ class NetworkRequestOperator(BaseOperator):
         for in_process_waits in range(MAX_IN_PROCESS_WAITS + 1):
             in_process_allowed = in_process_waits < MAX_IN_PROCESS_WAITS
             if self.shared_gate:
-                gate_wait, gate_reason = self._gate_admission(ticket)
+                gate_wait, gate_reason = self._gate_admission(ticket, in_process_allowed=in_process_allowed)
                 if gate_wait is not None:
                     self._wait(gate_wait, context, progress, url=safe_url,
                                reason=f"{self.method} {safe_url} not sent: {gate_reason}",
@@ -679,13 +679,23 @@ class NetworkRequestOperator(BaseOperator):
             return None
         return first + (initial_delay or timedelta(0))
 
-    def _gate_admission(self, ticket: str) -> tuple[RateLimitWait | None, str | None]:
-        """Ask the shared gate: a wait (and why) when this task must not send yet, else ``(None, None)``."""
+    def _gate_admission(self, ticket: str, *, in_process_allowed: bool = True) -> tuple[RateLimitWait | None, str | None]:
+        """Ask the shared gate: a wait (and why) when this task must not send yet, else ``(None, None)``.
+
+        The gate is told when this task can really be back (slept in-process up to the
+        threshold, else deferred or rescheduled no sooner than their minimum delay), so the
+        send time it hands out is one the task keeps, and the times stay spaced.
+        """
         now = self.clock()
         origin = self._origin()
+        in_process_up_to = self.in_process_wait_threshold.total_seconds() if in_process_allowed else 0.0
+        min_wait = (min_defer_delay() if self.deferrable else MIN_RESCHEDULE_DELAY).total_seconds()
 
         def change(state: GateState) -> tuple[Admission, GateState]:
-            admission = admit(for_origin(state, origin), ticket, now=now.timestamp())
+            admission = admit(
+                for_origin(state, origin), ticket, now=now.timestamp(),
+                in_process_up_to=in_process_up_to, min_wait=min_wait,
+            )
             return admission, admission.state
 
         admission = self.gate_store.update(self.http_conn_id, change)

@@ -310,6 +310,22 @@ class TestAdmit:
         times, _ = admit_all(state, list("abcde"))
         assert times == [NOW + 10] * 2 + [NOW + 10 + RECHECK_SECONDS] * 3
 
+    def test_a_wait_the_task_cannot_keep_is_stretched_to_its_minimum_and_the_pacing_follows(self):
+        state = GateState(remaining=0, interval=1.0, next_slot=NOW + 0.5, observed_at=NOW, updated_at=NOW)
+        assert admit_all(state, ["a", "b", "c"])[0] == [NOW + 0.5, NOW + 1.5, NOW + 2.5]
+        times = []
+        for ticket in ["a", "b", "c"]:
+            admission = admit(state, ticket, now=NOW, min_wait=2.0)
+            times.append(admission.send_at)
+            state = admission.state
+        assert times == [NOW + 2.0, NOW + 3.0, NOW + 4.0]
+
+    def test_a_wait_short_enough_to_sleep_through_is_not_stretched(self):
+        state = GateState(remaining=0, interval=1.0, next_slot=NOW + 0.5, observed_at=NOW, updated_at=NOW)
+        admission = admit(state, "a", now=NOW, in_process_up_to=1.0, min_wait=10.0)
+        assert admission.send_at == NOW + 0.5
+        assert admit(admission.state, "b", now=NOW, in_process_up_to=1.0, min_wait=10.0).send_at == NOW + 10.0
+
     def test_a_ticket_holder_coming_back_at_its_time_is_let_through_and_its_ticket_removed(self):
         state = admit(GateState(blocked_until=NOW + 30), "a", now=NOW).state
         admission = admit(state, "a", now=NOW + 30.5)
@@ -563,12 +579,15 @@ def simulate(
     max_lateness: float = 2.0,
     arrival_spread: float = 1.0,
     latency: float = 0.0,
+    min_wait: float = 0.0,
     max_steps: int = 20_000,
 ) -> SimResult:
     """Run ``tasks`` tasks against ``server`` through the pure gate, from ``NOW``.
 
     With ``latency == 0`` a task sends and observes in one step (as one operator does); with
     ``latency > 0`` the response is observed that much later, so other tasks interleave.
+    A task told to wait comes back no sooner than ``min_wait`` (a deferral's minimum delay),
+    which the gate is told.
     """
     rng = random.Random(seed)
     state = GateState(origin=ORIGIN)
@@ -604,11 +623,11 @@ def simulate(
             deliver(now, task, response)
             continue
         result.admits[task] = result.admits.get(task, 0) + 1
-        admission = admit(state, task, now=now)
+        admission = admit(state, task, now=now, min_wait=min_wait)
         state = admission.state
         assert admission.send_at >= max(now, state.blocked_until)
         if admission.send_at > now:
-            push(admission.send_at + rng.uniform(0, max_lateness), task)
+            push(max(admission.send_at, now + min_wait) + rng.uniform(0, max_lateness), task)
             continue
         if now < announced - EPS:
             result.early += 1
@@ -682,6 +701,15 @@ class TestSimulatedApis:
         server_class, rate = SERVERS[shape]
         result = simulate(server_class(), tasks=50, seed=5, max_lateness=MAX_LATENESS, arrival_spread=20.0)
         assert_well_behaved(result, rate)
+
+    @pytest.mark.parametrize("shape", ["token-bucket", "fixed-window"])
+    def test_tasks_that_cannot_come_back_within_two_seconds_are_as_well_behaved(self, shape):
+        # A deferral is due no sooner than min_heartbeat_interval + 1 s. Told so, the gate
+        # gives each task a time it can really keep, and the times stay spaced.
+        server_class, rate = SERVERS[shape]
+        result = simulate(server_class(), tasks=60, seed=4, max_lateness=0.5, min_wait=2.0)
+        assert_well_behaved(result, rate)
+        assert result.rate_limited == 0, result.summary()
 
     def test_in_a_fixed_window_no_task_goes_round_the_gate_more_than_twice(self):
         # Each go round is a task launch in Airflow: a task that does not fit in the current

@@ -704,7 +704,7 @@ class TestSimulatedApis:
 
     @pytest.mark.parametrize("shape", ["token-bucket", "fixed-window"])
     def test_tasks_that_cannot_come_back_within_two_seconds_are_as_well_behaved(self, shape):
-        # A deferral is due no sooner than min_heartbeat_interval + 1 s. Told so, the gate
+        # A deferral is due no sooner than min_heartbeat_interval (say 2 s). Told so, the gate
         # gives each task a time it can really keep, and the times stay spaced.
         server_class, rate = SERVERS[shape]
         result = simulate(server_class(), tasks=60, seed=4, max_lateness=0.5, min_wait=2.0)

@@ -412,7 +412,7 @@ def test_output_path_outside_output_root_fails_before_any_request(request, scrip
     assert not (tmp_path / "escaped.json").exists()
 
 
-def test_a_deferral_is_due_no_sooner_than_the_heartbeat_interval_plus_a_second(monkeypatch):
+def test_a_deferral_is_due_no_sooner_than_the_heartbeat_interval(monkeypatch):
     """So the run that deferred has been reported before the task can run again (see min_defer_delay)."""
     from datetime import timedelta
 
@@ -421,6 +421,6 @@ def test_a_deferral_is_due_no_sooner_than_the_heartbeat_interval_plus_a_second(m
     from network_requests.operators import min_defer_delay
 
     monkeypatch.setattr(conf, "getint", lambda section, key, **kwargs: {("workers", "min_heartbeat_interval"): 1}[(section, key)])
-    assert min_defer_delay() == timedelta(seconds=2)
+    assert min_defer_delay() == timedelta(seconds=1)
     monkeypatch.setattr(conf, "getint", lambda section, key, **kwargs: {("workers", "min_heartbeat_interval"): 5}[(section, key)])
-    assert min_defer_delay() == timedelta(seconds=6)
+    assert min_defer_delay() == timedelta(seconds=5)

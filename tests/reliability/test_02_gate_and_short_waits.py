@@ -89,7 +89,7 @@ def test_short_rate_limit_waits_never_cost_a_try(stack, api):
 
 def test_short_rate_limit_waits_deferred_to_the_triggerer_never_cost_a_try(stack, api):
     """The same short waits with ``deferrable=True`` and nothing slept in the task: every wait of
-    ``Retry-After: 1`` is a deferral due ``min_heartbeat_interval`` + 1 s later (2 s here). Airflow
+    ``Retry-After: 1`` is a deferral due a second later (no sooner than ``min_heartbeat_interval``, 1 s here). Airflow
     3.3.2 forgives the executor's late report of the deferring run while the task is back in
     ``scheduled`` or queued, and by the time it can run again the report is in: strict, no xfail."""
     dag_id = DAG_IDS["c13"]

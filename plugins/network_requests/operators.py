@@ -635,10 +635,8 @@ class NetworkRequestOperator(BaseOperator):
             mode = "reschedule"
         if mode == "in_process":
             resume_at = wait.not_before
-        elif mode == "defer":
-            resume_at = max(wait.not_before, now + min_defer_delay())
         else:
-            resume_at = max(wait.not_before, now + MIN_RESCHEDULE_DELAY)
+            resume_at = max(wait.not_before, now + self._minimum_delay())
         self.log.info(
             "%s; waiting %.3fs (%s) until %s, %s%s, without spending a try",
             reason,
@@ -679,6 +677,10 @@ class NetworkRequestOperator(BaseOperator):
             return None
         return first + (initial_delay or timedelta(0))
 
+    def _minimum_delay(self) -> timedelta:
+        """The soonest a wait that leaves the task can be due: deferral or reschedule."""
+        return min_defer_delay() if self.deferrable else MIN_RESCHEDULE_DELAY
+
     def _gate_admission(self, ticket: str, *, in_process_allowed: bool = True) -> tuple[RateLimitWait | None, str | None]:
         """Ask the shared gate: a wait (and why) when this task must not send yet, else ``(None, None)``.
 
@@ -689,7 +691,7 @@ class NetworkRequestOperator(BaseOperator):
         now = self.clock()
         origin = self._origin()
         in_process_up_to = self.in_process_wait_threshold.total_seconds() if in_process_allowed else 0.0
-        min_wait = (min_defer_delay() if self.deferrable else MIN_RESCHEDULE_DELAY).total_seconds()
+        min_wait = self._minimum_delay().total_seconds()
 
         def change(state: GateState) -> tuple[Admission, GateState]:
             admission = admit(

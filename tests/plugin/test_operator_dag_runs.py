@@ -302,12 +302,9 @@ def test_redirect_on_the_same_host_is_followed(request, scripted_api):
     assert [r.path for r in scripted_api.requests] == ["/api/users", "/api/v2/users"]
 
 
-def test_by_default_every_wait_is_deferred_and_none_is_slept_in_the_task(request, scripted_api):
-    """The default (deferrable, threshold 0): a 1 s and a 7 s wait both go to the triggerer."""
-    from tests.integration_airflow.airflow_helpers import delete_variable, read_variable
-
-    history_key = "network_requests.waits.network_request_api"
-    delete_variable(history_key)
+def _run_after_a_1s_and_a_7s_429(request, scripted_api, operator_kwargs: str):
+    """Answer 429 Retry-After 1, then 429 Retry-After 7, then 200; run the operator with exactly
+    ``operator_kwargs`` (unlike run_operator, nothing added)."""
     scripted_api.script(
         ScriptedResponse.too_many_requests(retry_after=1),
         ScriptedResponse.too_many_requests(retry_after=7),
@@ -315,9 +312,18 @@ def test_by_default_every_wait_is_deferred_and_none_is_slept_in_the_task(request
     )
     dag_id = request.node.name
     set_connection(scripted_api.base_url)
-    path = write_dag_file(TEST_DAGS_DIR, dag_id, operator_dag_source(dag_id, "endpoint='/api/users'", FAST_RETRIES))
+    path = write_dag_file(TEST_DAGS_DIR, dag_id, operator_dag_source(dag_id, operator_kwargs, FAST_RETRIES))
+    return run_dag(path, dag_id)
 
-    result = run_dag(path, dag_id)
+
+def test_by_default_every_wait_is_deferred_and_none_is_slept_in_the_task(request, scripted_api):
+    """The default (deferrable, threshold 0): a 1 s and a 7 s wait both go to the triggerer."""
+    from tests.integration_airflow.airflow_helpers import delete_variable, read_variable
+
+    history_key = "network_requests.waits.network_request_api"
+    delete_variable(history_key)
+
+    result = _run_after_a_1s_and_a_7s_429(request, scripted_api, "endpoint='/api/users'")
 
     task = result.task("request")
     assert task.state == "success"
@@ -328,17 +334,7 @@ def test_by_default_every_wait_is_deferred_and_none_is_slept_in_the_task(request
 
 
 def test_without_deferral_a_short_wait_is_slept_in_the_task_and_a_long_one_rescheduled(request, scripted_api):
-    scripted_api.script(
-        ScriptedResponse.too_many_requests(retry_after=1),
-        ScriptedResponse.too_many_requests(retry_after=7),
-        ScriptedResponse(body={"ok": True}),
-    )
-    dag_id = request.node.name
-    set_connection(scripted_api.base_url)
-    source = operator_dag_source(dag_id, "endpoint='/api/users', deferrable=False", FAST_RETRIES)
-    path = write_dag_file(TEST_DAGS_DIR, dag_id, source)
-
-    result = run_dag(path, dag_id)
+    result = _run_after_a_1s_and_a_7s_429(request, scripted_api, "endpoint='/api/users', deferrable=False")
 
     task = result.task("request")
     assert task.state == "success"

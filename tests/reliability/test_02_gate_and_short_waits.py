@@ -63,50 +63,43 @@ def test_a_first_request_without_a_response_does_not_hold_the_retry_at_the_gate(
     assert gap < 6
 
 
+def _run_short_waits(stack, api, case: str, label: str):
+    """Every task of the case's DAG gets SHORT_WAIT_429S answers of ``429 Retry-After: 1``, then
+    a 200; run the DAG and return its task instances (asserting the run succeeded)."""
+    dag_id = DAG_IDS[case]
+    for index in range(dag_sources.SHORT_WAIT_TASKS):
+        api.route(
+            f"/{case}/item/{index}",
+            *[ScriptedResponse.too_many_requests(retry_after=1)] * dag_sources.SHORT_WAIT_429S,
+            ScriptedResponse(body={"item": index}),
+        )
+
+    run_id = stack.trigger(dag_id)
+    run = stack.wait_for_run(dag_id, run_id, timeout=180)
+
+    tis = stack.task_instances(dag_id, run_id)
+    summary = [(ti["task_id"], ti["state"], ti["try_number"]) for ti in tis]
+    print(f"\n[{label}] {summary}")
+    assert run["state"] == "success", summary
+    return tis, summary
+
+
 @pytest.mark.xfail(
     strict=False,
     reason="race in Airflow 3.3.2 + LocalExecutor (apache/airflow#71172): a reschedule due in a second "
     "or two can be taken for an externally killed task and spend a try; flaky by nature, so not strict",
 )
 def test_short_rate_limit_waits_never_cost_a_try(stack, api):
-    dag_id = DAG_IDS["c12"]
-    for index in range(dag_sources.SHORT_WAIT_TASKS):
-        api.route(
-            f"/c12/item/{index}",
-            *[ScriptedResponse.too_many_requests(retry_after=1)] * dag_sources.SHORT_WAIT_429S,
-            ScriptedResponse(body={"item": index}),
-        )
-
-    run_id = stack.trigger(dag_id)
-    run = stack.wait_for_run(dag_id, run_id, timeout=180)
-
-    tis = stack.task_instances(dag_id, run_id)
-    summary = [(ti["task_id"], ti["state"], ti["try_number"]) for ti in tis]
-    print(f"\n[short waits] {summary}")
-    assert run["state"] == "success", summary
+    tis, summary = _run_short_waits(stack, api, "c12", "short waits")
     assert all(ti["try_number"] == 1 for ti in tis), f"a rate-limit wait spent a try: {summary}"
 
 
 def test_short_rate_limit_waits_deferred_to_the_triggerer_never_cost_a_try(stack, api):
     """The same short waits with ``deferrable=True`` and nothing slept in the task: every wait of
-    ``Retry-After: 1`` is a deferral due a second later (no sooner than ``min_heartbeat_interval``, 1 s here). Airflow
-    3.3.2 forgives the executor's late report of the deferring run while the task is back in
+    ``Retry-After: 1`` is a deferral due a second later (no sooner than ``min_heartbeat_interval``,
+    1 s here). Airflow 3.3.2 forgives the executor's late report of the deferring run while the task is back in
     ``scheduled`` or queued, and by the time it can run again the report is in: strict, no xfail."""
-    dag_id = DAG_IDS["c13"]
-    for index in range(dag_sources.SHORT_WAIT_TASKS):
-        api.route(
-            f"/c13/item/{index}",
-            *[ScriptedResponse.too_many_requests(retry_after=1)] * dag_sources.SHORT_WAIT_429S,
-            ScriptedResponse(body={"item": index}),
-        )
-
-    run_id = stack.trigger(dag_id)
-    run = stack.wait_for_run(dag_id, run_id, timeout=180)
-
-    tis = stack.task_instances(dag_id, run_id)
-    summary = [(ti["task_id"], ti["state"], ti["try_number"]) for ti in tis]
-    print(f"\n[deferred short waits] {summary}")
-    assert run["state"] == "success", summary
+    tis, summary = _run_short_waits(stack, api, "c13", "deferred short waits")
     assert all(ti["try_number"] == 1 for ti in tis), f"a deferred rate-limit wait spent a try: {summary}"
     for index in range(dag_sources.SHORT_WAIT_TASKS):
         times = [r.received_monotonic for r in api.requests_for(f"/c13/item/{index}")]

@@ -509,8 +509,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-class _StopRequested(Exception):
-    """Raised by the SIGTERM/SIGINT handler to leave serve_forever()."""
+class _StopRequested(BaseException):
+    """Raised by the SIGTERM/SIGINT handler to leave serve_forever().
+
+    A BaseException, like KeyboardInterrupt: socketserver reports and swallows any
+    Exception raised while it accepts a request, so a signal landing there would
+    otherwise be printed and ignored, and the server would keep serving.
+    """
 
 
 def _raise_stop_requested(signum: int, _frame: Any) -> None:

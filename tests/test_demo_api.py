@@ -6,6 +6,7 @@ import http.client
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +23,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 if str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
 
+from include import demo_api  # noqa: E402
 from include.demo_api import (  # noqa: E402
     DATA_ENDPOINTS,
     MAX_SLOW_SECONDS,
@@ -466,3 +468,23 @@ def test_the_script_serves_until_signalled_then_exits_cleanly(stop_signal):
     assert process.returncode == 0
     assert '"GET /health HTTP/1.1" 200' in rest_of_log
     assert "stopped" in rest_of_log
+
+
+def test_a_stop_signal_landing_while_a_request_is_accepted_still_stops_the_server(monkeypatch):
+    # CI once saw the SIGTERM land inside process_request(): socketserver printed it
+    # as a request error and kept serving. The stop must get out of the loop wherever it lands.
+    server = make_server(port=0)
+
+    def stop_now(request, client_address):
+        raise demo_api._StopRequested("SIGTERM")
+
+    monkeypatch.setattr(server, "process_request", stop_now)
+    try:
+        client = socket.create_connection(server.server_address[:2], timeout=5)
+        try:
+            with pytest.raises(demo_api._StopRequested):
+                server.handle_request()
+        finally:
+            client.close()
+    finally:
+        server.server_close()

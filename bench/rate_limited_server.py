@@ -444,8 +444,9 @@ def make_server(host: str = "127.0.0.1", port: int = 0, config: LimiterConfig | 
 # --------------------------------------------------------------------------
 
 
-class _Stop(Exception):
-    pass
+class _Stop(BaseException):
+    """A BaseException, like KeyboardInterrupt: socketserver swallows any Exception
+    raised while it accepts a request, so a signal landing there would be ignored."""
 
 
 def _raise_stop(signum: int, _frame: Any) -> None:

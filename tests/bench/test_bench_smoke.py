@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench import rate_limited_server  # noqa: E402
 from bench.rate_limited_server import (  # noqa: E402
     FixedWindowLimiter,
     LimiterConfig,
@@ -112,6 +114,25 @@ def test_percentile_is_nearest_rank() -> None:
     assert percentile([], 95) is None
     assert percentile([3.0], 95) == 3.0
     assert percentile([float(v) for v in range(1, 21)], 95) == 19.0
+
+
+def test_a_stop_signal_landing_while_a_request_is_accepted_still_stops_the_server(monkeypatch) -> None:
+    # socketserver swallows any Exception raised in process_request(); the stop must not be one.
+    server = rate_limited_server.make_server()
+
+    def stop_now(request, client_address):
+        raise rate_limited_server._Stop("SIGTERM")
+
+    monkeypatch.setattr(server, "process_request", stop_now)
+    try:
+        client = socket.create_connection(server.server_address[:2], timeout=5)
+        try:
+            with pytest.raises(rate_limited_server._Stop):
+                server.handle_request()
+        finally:
+            client.close()
+    finally:
+        server.server_close()
 
 
 def test_config_is_validated() -> None:

@@ -198,6 +198,8 @@ class Stack:
                 "AIRFLOW_HOME": str(self.home),
                 "AIRFLOW__CORE__DAGS_FOLDER": str(BENCH_DIR / "dags"),
                 "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+                # The triggerer imports triggers by class path; the warm-up's lives next to the Dags.
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCH_DIR / "dags"), os.environ.get("PYTHONPATH")])),
                 "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
                 "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
                 "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",

@@ -25,7 +25,7 @@ Environment (read when the file is parsed, by the DAG processor and by each task
 
 `bench_warmup` sends no request: the runner runs it once before measuring, so that the
 first strategy does not pay alone for the stack's first DAG run (cold caches, each worker's
-first task, the API server's first calls).
+first task, the API server's first calls, the triggerer's first Connection and Variable reads).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from datetime import timedelta
 
 import pendulum
 from airflow.providers.http.operators.http import HttpOperator
-from airflow.sdk import DAG, task
+from airflow.sdk import DAG, BaseOperator, task
 
 from network_requests import NetworkRequestOperator
 
@@ -151,6 +151,18 @@ with _dag("bench_urllib3_retry", "Bench: requests + urllib3 Retry, sleeping out 
     request.expand(endpoint=ENDPOINTS)
 
 
+class WarmUpTriggererOperator(BaseOperator):
+    """Defers once, so the triggerer is warm too (see warmup_trigger.py)."""
+
+    def execute(self, context):
+        from warmup_trigger import WarmUpTrigger
+
+        self.defer(trigger=WarmUpTrigger(), method_name="done")
+
+    def done(self, context, event=None):
+        return event
+
+
 with _dag("bench_warmup", "Bench: no requests; run once before measuring to warm the stack up"):
 
     @task(task_id="warm_up")
@@ -162,3 +174,4 @@ with _dag("bench_warmup", "Bench: no requests; run once before measuring to warm
         return index
 
     warm_up.expand(index=list(range(int(os.environ.get("BENCH_WARMUP_TASKS", "4")))))
+    WarmUpTriggererOperator(task_id="warm_up_triggerer")

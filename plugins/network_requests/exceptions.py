@@ -7,6 +7,8 @@ and go through the task's ``retries``.
 
 from __future__ import annotations
 
+from typing import Any
+
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 
@@ -46,3 +48,41 @@ class RateLimitExceededError(NetworkRequestError, AirflowFailException):
     def __init__(self, message: str, *, method: str, url: str, status_code: int | None, wait_seconds: float):
         super().__init__(message, method=method, url=url, status_code=status_code)
         self.wait_seconds = wait_seconds
+
+
+def failure_payload(error: BaseException) -> dict[str, Any]:
+    """``error`` as JSON, for the triggerer to hand it to the worker (see failure_from_payload)."""
+    if isinstance(error, NetworkRequestError):
+        return {
+            "type": type(error).__name__,
+            "message": str(error),
+            "method": error.method,
+            "url": error.url,
+            "status_code": error.status_code,
+            "wait_seconds": getattr(error, "wait_seconds", None),
+        }
+    return {"type": None, "message": f"{type(error).__name__}: {error}"}
+
+
+def failure_from_payload(payload: dict[str, Any]) -> AirflowException:
+    """The exception a worker raises for a failure the triggerer met: same type, same retry meaning.
+
+    Anything else than this module's errors (a missing Connection, say) comes back as a
+    plain ``AirflowException``: it spends a try, like any failure of a task.
+    """
+    message = str(payload.get("message") or "the triggerer could not send the request")
+    error_class = _ERRORS_BY_NAME.get(str(payload.get("type")))
+    if error_class is None:
+        return AirflowException(f"Sending the request from the triggerer failed: {message}")
+    facts = {"method": str(payload.get("method") or ""), "url": str(payload.get("url") or ""),
+             "status_code": payload.get("status_code")}
+    if error_class is RateLimitExceededError:
+        return RateLimitExceededError(message, wait_seconds=float(payload.get("wait_seconds") or 0.0), **facts)
+    return error_class(message, **facts)
+
+
+_ERRORS_BY_NAME: dict[str, type[NetworkRequestError]] = {
+    cls.__name__: cls
+    for cls in (NetworkRequestError, TransientRequestError, PermanentRequestError, ResponseTooLargeError,
+                ResponseCheckFailed, RateLimitExceededError)
+}

@@ -1,4 +1,4 @@
-"""``NetworkRequestOperator``: one HTTP request, with rate limits honoured by rescheduling.
+"""``NetworkRequestOperator``: one HTTP request, with rate limits honoured by deferring or rescheduling.
 
 The split follows apache-airflow-providers-http: ``HttpHook`` owns the Connection and
 the network call; this operator owns the Airflow decisions. What a response means and
@@ -10,7 +10,7 @@ Outcomes (see the README's table):
 Response                                       What the task does
 ============================================  =================================================
 2xx                                            ``response_check``; XCom = JSON / text / file info
-429, 503 + ``Retry-After``, 403 + spent quota  reschedule at the time the server allows; no try spent
+429, 503 + ``Retry-After``, 403 + spent quota  defer (or reschedule) to the time the server allows; no try spent
 other 5xx, 408, connection error, timeout      fail the try; Airflow retries (``retries``)
 other 4xx                                      fail the task at once, no retry
 ============================================  =================================================
@@ -38,6 +38,7 @@ from network_requests import events
 from network_requests.endpoints import UnsafeEndpointError, redact_url, same_origin, validate_endpoint
 from network_requests.exceptions import (
     PermanentRequestError,
+    failure_from_payload,
     RateLimitExceededError,
     ResponseCheckFailed,
     ResponseTooLargeError,
@@ -96,6 +97,15 @@ MAX_IN_PROCESS_WAITS = 5
 #: after that: 5 s was measured to be too short. Waiting longer than the server asked is
 #: always allowed.
 MIN_RESCHEDULE_DELAY = timedelta(seconds=10)
+#: What the triggerer runs of the operator when it sends the request itself; a subclass that
+#: replaces any of these sends from a worker instead (its code is not the triggerer's).
+_TRIGGERER_RUNS = (
+    "send_request", "classify_response", "rate_limit_wait", "result_of", "request_kwargs",
+    "checked_endpoint", "hook", "gate_store", "clock", "random_fraction", "sleep", "execute",
+    "resume_after_wait", "_attempt", "_wait", "_gate_admission", "_gate_observe",
+)
+
+
 def min_defer_delay() -> timedelta:
     """The earliest a deferral may be due: [workers] min_heartbeat_interval from now.
 
@@ -232,6 +242,10 @@ class NetworkRequestOperator(BaseOperator):
     :param deferrable: wait in the triggerer (a ``DateTimeTrigger`` due at the allowed
         moment), the default; needs a running triggerer. ``False`` reschedules instead
         (``up_for_reschedule``, never due sooner than ``MIN_RESCHEDULE_DELAY``).
+    :param finish_in_triggerer: with ``deferrable``, the triggerer sends the request at the
+        allowed moment and ends the task there on success: a rate-limited task then costs
+        one worker launch, not one per wait. Failures go back to a worker, raised there.
+        Only for the operator's own behaviour (see :meth:`finishes_in_triggerer`).
     :param in_process_wait_threshold: waits this short happen inside the running task
         (holding its slot) instead of a deferral or reschedule; at most
         ``MAX_IN_PROCESS_WAITS`` per run. Default: 0 when deferrable, else 5 s.
@@ -273,6 +287,7 @@ class NetworkRequestOperator(BaseOperator):
         shared_gate: bool = True,
         deferrable: bool = True,
         in_process_wait_threshold: timedelta | float | None = None,
+        finish_in_triggerer: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -288,13 +303,15 @@ class NetworkRequestOperator(BaseOperator):
         self.initial_delay = initial_delay
         self.output_path = output_path
         self.output_root = output_root
-        self.request_timeout = request_timeout
+        # (connect, read) may arrive as a JSON list; requests only takes a tuple.
+        self.request_timeout = tuple(request_timeout) if isinstance(request_timeout, list) else request_timeout
         self.request_deadline = _as_timedelta(request_deadline, "request_deadline")
         self.max_response_bytes = max_response_bytes
         self.rate_limit_jitter = rate_limit_jitter
         self.extra_options = extra_options or {}
         self.shared_gate = shared_gate
         self.deferrable = deferrable
+        self.finish_in_triggerer = finish_in_triggerer
         if in_process_wait_threshold is None:
             in_process_wait_threshold = (
                 DEFAULT_DEFERRED_IN_PROCESS_THRESHOLD if deferrable else DEFAULT_RESCHEDULE_IN_PROCESS_THRESHOLD
@@ -347,8 +364,20 @@ class NetworkRequestOperator(BaseOperator):
         rate_limit_waits: int = 0,
         waiting_since: str | None = None,
     ) -> Any:
-        """Where a deferred wait (``deferrable=True``) comes back when the trigger fires."""
+        """Where a deferred wait (``deferrable=True``) comes back when the trigger fires.
+
+        From a :class:`~network_requests.triggers.RateLimitedRequestTrigger` the event says
+        what the triggerer already did: a ``failure`` is raised here (the request is not sent
+        again), a ``result`` is returned; otherwise the request is sent from here.
+        """
         self.method = str(self.method).upper()
+        if isinstance(event, dict) and "failure" in event:
+            raise failure_from_payload(event["failure"])
+        if isinstance(event, dict) and "result" in event:
+            return event["result"]
+        if isinstance(event, dict) and "resume" in event:
+            rate_limit_waits = int(event["resume"].get("rate_limit_waits", rate_limit_waits))
+            waiting_since = event["resume"].get("waiting_since", waiting_since)
         since = datetime.fromisoformat(waiting_since) if waiting_since else None
         return self._attempt(context, _WaitProgress(rate_limit_waits, since))
 
@@ -660,15 +689,86 @@ class NetworkRequestOperator(BaseOperator):
             return
         waits_after = progress.rate_limit_waits + (0 if wait.source is WaitSource.INITIAL_DELAY else 1)
         if mode == "defer":
-            from airflow.providers.standard.triggers.temporal import DateTimeTrigger
-
             since = progress.waiting_since or (None if wait.source is WaitSource.INITIAL_DELAY else now)
+            waiting_since = since.isoformat() if since else None
             self.defer(
-                trigger=DateTimeTrigger(moment=resume_at),
+                trigger=self._wait_trigger(resume_at, context, waits_after, waiting_since),
                 method_name="resume_after_wait",
-                kwargs={"rate_limit_waits": waits_after, "waiting_since": since.isoformat() if since else None},
+                kwargs={"rate_limit_waits": waits_after, "waiting_since": waiting_since},
             )
         raise AirflowRescheduleException(resume_at)
+
+    def _wait_trigger(self, resume_at: datetime, context: Any, rate_limit_waits: int, waiting_since: str | None) -> Any:
+        """The trigger of a deferred wait: one that sends the request itself, when it can."""
+        if self.finishes_in_triggerer():
+            from network_requests.triggers import RateLimitedRequestTrigger
+
+            ti = context["ti"]
+            return RateLimitedRequestTrigger(
+                moment=resume_at,
+                operator_kwargs=self.triggerer_kwargs(),
+                task_ref={"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": ti.task_id,
+                      "map_index": getattr(ti, "map_index", -1)},
+                rate_limit_waits=rate_limit_waits,
+                waiting_since=waiting_since,
+                push_xcom=bool(self.do_xcom_push),
+            )
+        from airflow.providers.standard.triggers.temporal import DateTimeTrigger
+
+        return DateTimeTrigger(moment=resume_at)
+
+    def finishes_in_triggerer(self) -> bool:
+        """Whether a deferred wait sends the request from the triggerer and can end the task there.
+
+        Only the operator's own behaviour is run in the triggerer, from its settings; so not
+        with a ``response_check``/``response_filter`` (callables), an ``output_path`` (a
+        file the workers should write), replaced extension points, or settings that do not
+        serialise as JSON. Those wait in the triggerer and send from a worker.
+        """
+        if not (self.deferrable and self.finish_in_triggerer):
+            return False
+        if self.response_check is not None or self.response_filter is not None or self.output_path:
+            return False
+        cls = type(self)
+        if any(getattr(cls, name) is not getattr(NetworkRequestOperator, name) for name in _TRIGGERER_RUNS):
+            return False
+        instance = vars(self)
+        if any(name in instance for name in ("clock", "random_fraction", "sleep", "send_request")):
+            return False
+        if "gate_store" in instance and not isinstance(instance["gate_store"], VariableGateStore):
+            return False
+        if "hook" in instance and type(instance["hook"]) is not NetworkRequestHook:
+            return False
+        try:
+            json.dumps(self.triggerer_kwargs())
+        except (TypeError, ValueError):
+            return False
+        return True
+
+    def triggerer_kwargs(self) -> dict[str, Any]:
+        """The settings the triggerer needs to send this request as this operator would (JSON-safe)."""
+
+        def seconds(value: timedelta | float | None) -> float | None:
+            return value.total_seconds() if isinstance(value, timedelta) else value
+
+        return {
+            "http_conn_id": self.http_conn_id,
+            "endpoint": self.endpoint,
+            "method": self.method,
+            "data": self.data,
+            "headers": self.headers,
+            "max_rate_limit_wait": seconds(self.max_rate_limit_wait),
+            "rate_limit_timeout": seconds(self.rate_limit_timeout),
+            "request_timeout": list(self.request_timeout) if isinstance(self.request_timeout, tuple) else self.request_timeout,
+            "request_deadline": seconds(self.request_deadline),
+            "max_response_bytes": self.max_response_bytes,
+            "rate_limit_jitter": self.rate_limit_jitter,
+            "extra_options": self.extra_options,
+            "shared_gate": self.shared_gate,
+            "retry_delay": seconds(self.retry_delay),
+            "retry_exponential_backoff": self.retry_exponential_backoff,
+            "max_retry_delay": seconds(self.max_retry_delay),
+        }
 
     def _first_rate_limit_wait(self, ti: Any, context: Context, initial_delay: timedelta | None) -> datetime | None:
         """When this try started waiting on rate limits (its first reschedule, past the initial delay)."""

@@ -65,7 +65,7 @@ def test_a_first_request_without_a_response_does_not_hold_the_retry_at_the_gate(
 
 def _run_short_waits(stack, api, case: str, label: str):
     """Every task of the case's DAG gets SHORT_WAIT_429S answers of ``429 Retry-After: 1``, then
-    a 200; run the DAG and return its task instances (asserting the run succeeded)."""
+    a 200; run the DAG and return its task instances and run id (asserting the run succeeded)."""
     dag_id = DAG_IDS[case]
     for index in range(dag_sources.SHORT_WAIT_TASKS):
         api.route(
@@ -81,7 +81,7 @@ def _run_short_waits(stack, api, case: str, label: str):
     summary = [(ti["task_id"], ti["state"], ti["try_number"]) for ti in tis]
     print(f"\n[{label}] {summary}")
     assert run["state"] == "success", summary
-    return tis, summary
+    return tis, summary, run_id
 
 
 @pytest.mark.xfail(
@@ -90,17 +90,27 @@ def _run_short_waits(stack, api, case: str, label: str):
     "or two can be taken for an externally killed task and spend a try; flaky by nature, so not strict",
 )
 def test_short_rate_limit_waits_never_cost_a_try(stack, api):
-    tis, summary = _run_short_waits(stack, api, "c12", "short waits")
+    tis, summary, _ = _run_short_waits(stack, api, "c12", "short waits")
     assert all(ti["try_number"] == 1 for ti in tis), f"a rate-limit wait spent a try: {summary}"
 
 
 def test_short_rate_limit_waits_deferred_to_the_triggerer_never_cost_a_try(stack, api):
-    """The same short waits with ``deferrable=True`` and nothing slept in the task: every wait of
-    ``Retry-After: 1`` is a deferral due a second later (no sooner than ``min_heartbeat_interval``,
-    1 s here). Airflow 3.3.2 forgives the executor's late report of the deferring run while the task is back in
-    ``scheduled`` or queued, and by the time it can run again the report is in: strict, no xfail."""
-    tis, summary = _run_short_waits(stack, api, "c13", "deferred short waits")
+    """The same short waits with ``deferrable=True`` and nothing slept in the task: the first
+    wait of ``Retry-After: 1`` is a deferral due a second later (no sooner than
+    ``min_heartbeat_interval``, 1 s here), and the trigger sends the request itself and waits
+    out the next 429s. Airflow 3.3.2 forgives the executor's late report of the deferring run
+    while the task is back in ``scheduled`` or queued, and by the time it can run again the
+    report is in: strict, no xfail."""
+    tis, summary, run_id = _run_short_waits(stack, api, "c13", "deferred short waits")
     assert all(ti["try_number"] == 1 for ti in tis), f"a deferred rate-limit wait spent a try: {summary}"
+    # After the first 429 each task waited and re-sent from the triggerer, which ended it
+    # there (TaskSuccessEvent): its XCom is the response, pushed by the triggerer.
+    results = {entry["task_id"]: entry["value"] for entry in stack.xcom_entries(DAG_IDS["c13"], run_id)
+               if entry["key"] == "return_value"}
+    assert results == {f"fetch_{index}": {"item": index} for index in range(dag_sources.SHORT_WAIT_TASKS)}
+    worker_runs = {f"fetch_{index}": stack.task_log(DAG_IDS["c13"], run_id, f"fetch_{index}", 1).count("::group::Pre Execute")
+                   for index in range(dag_sources.SHORT_WAIT_TASKS)}
+    assert set(worker_runs.values()) == {1}, f"each task ran once on a worker, then only in the triggerer: {worker_runs}"
     for index in range(dag_sources.SHORT_WAIT_TASKS):
         times = [r.received_monotonic for r in api.requests_for(f"/c13/item/{index}")]
         assert len(times) == dag_sources.SHORT_WAIT_429S + 1, (index, len(times))

@@ -6,7 +6,6 @@ import http.client
 import json
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -471,20 +470,8 @@ def test_the_script_serves_until_signalled_then_exits_cleanly(stop_signal):
 
 
 def test_a_stop_signal_landing_while_a_request_is_accepted_still_stops_the_server(monkeypatch):
-    # CI once saw the SIGTERM land inside process_request(): socketserver printed it
-    # as a request error and kept serving. The stop must get out of the loop wherever it lands.
-    server = make_server(port=0)
+    from tests.support.servers import assert_a_stop_raised_while_accepting_leaves_the_loop
 
-    def stop_now(request, client_address):
-        raise demo_api._StopRequested("SIGTERM")
-
-    monkeypatch.setattr(server, "process_request", stop_now)
-    try:
-        client = socket.create_connection(server.server_address[:2], timeout=5)
-        try:
-            with pytest.raises(demo_api._StopRequested):
-                server.handle_request()
-        finally:
-            client.close()
-    finally:
-        server.server_close()
+    assert_a_stop_raised_while_accepting_leaves_the_loop(
+        monkeypatch, make_server(port=0), demo_api._StopRequested("SIGTERM")
+    )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -117,22 +116,11 @@ def test_percentile_is_nearest_rank() -> None:
 
 
 def test_a_stop_signal_landing_while_a_request_is_accepted_still_stops_the_server(monkeypatch) -> None:
-    # socketserver swallows any Exception raised in process_request(); the stop must not be one.
-    server = rate_limited_server.make_server()
+    from tests.support.servers import assert_a_stop_raised_while_accepting_leaves_the_loop
 
-    def stop_now(request, client_address):
-        raise rate_limited_server._Stop("SIGTERM")
-
-    monkeypatch.setattr(server, "process_request", stop_now)
-    try:
-        client = socket.create_connection(server.server_address[:2], timeout=5)
-        try:
-            with pytest.raises(rate_limited_server._Stop):
-                server.handle_request()
-        finally:
-            client.close()
-    finally:
-        server.server_close()
+    assert_a_stop_raised_while_accepting_leaves_the_loop(
+        monkeypatch, rate_limited_server.make_server(), rate_limited_server._Stop("SIGTERM")
+    )
 
 
 def test_config_is_validated() -> None:

@@ -32,12 +32,16 @@ def _run(request, api_url: str, tmp_path: Path, operator_kwargs: str, default_ar
     return result, runs
 
 
-def test_waits_and_the_request_after_them_happen_in_the_triggerer(request, scripted_api, tmp_path):
+def _two_429s_then_users(scripted_api) -> None:
     scripted_api.script(
         ScriptedResponse.too_many_requests(retry_after=1),
         ScriptedResponse.too_many_requests(retry_after=1),
         ScriptedResponse(body={"users": [1, 2]}),
     )
+
+
+def test_waits_and_the_request_after_them_happen_in_the_triggerer(request, scripted_api, tmp_path):
+    _two_429s_then_users(scripted_api)
 
     result, worker_runs = _run(request, scripted_api.base_url, tmp_path, "endpoint='/api/users'")
 
@@ -54,11 +58,7 @@ def test_waits_and_the_request_after_them_happen_in_the_triggerer(request, scrip
 
 
 def test_without_finish_in_triggerer_each_wait_resumes_on_a_worker(request, scripted_api, tmp_path):
-    scripted_api.script(
-        ScriptedResponse.too_many_requests(retry_after=1),
-        ScriptedResponse.too_many_requests(retry_after=1),
-        ScriptedResponse(body={"users": [1, 2]}),
-    )
+    _two_429s_then_users(scripted_api)
 
     result, worker_runs = _run(request, scripted_api.base_url, tmp_path, "endpoint='/api/users', finish_in_triggerer=False")
 

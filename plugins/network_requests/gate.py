@@ -46,6 +46,9 @@ RECHECK_SECONDS = 1.0
 #: On first contact one request goes ahead to learn the API's limits; if its task dies
 #: without reporting, the others stop waiting for it after this long.
 PROBE_TIMEOUT_SECONDS = 10.0
+#: A request let through is counted as out (unseen by the server's count) until its
+#: response is observed, or for this long if its task never reports.
+IN_FLIGHT_TTL_SECONDS = 120.0
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,8 @@ class GateState:
     #: A lower bound on the window's length (``reset_at - window_first_seen``, the largest
     #: seen): the window after the next one opens no sooner than ``reset_at`` + this.
     window_seconds: float = 0.0
+    #: ticket -> when the gate let that task send; until its response is observed.
+    in_flight: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> str:
         # A shallow dict: asdict() deep-copies every ticket, which adds up at thousands.
@@ -103,6 +108,7 @@ class GateState:
         try:
             data = json.loads(raw)
             tickets = {str(k): _finite(v) for k, v in dict(data.get("tickets") or {}).items()}
+            in_flight = {str(k): _finite(v) for k, v in dict(data.get("in_flight") or {}).items()}
             return cls(
                 blocked_until=_finite(data.get("blocked_until") or 0.0),
                 remaining=_optional_int(data.get("remaining")),
@@ -118,6 +124,7 @@ class GateState:
                 probe_until=_finite(data.get("probe_until") or 0.0),
                 window_first_seen=_finite(data.get("window_first_seen") or 0.0),
                 window_seconds=_finite(data.get("window_seconds") or 0.0),
+                in_flight=in_flight,
             )
         except (TypeError, ValueError, AttributeError, OverflowError):
             return cls()
@@ -240,7 +247,10 @@ def _expire(state: GateState, now: float) -> GateState:
     tickets = {k: v for k, v in state.tickets.items() if v > now - TICKET_TTL_SECONDS}
     if len(tickets) > MAX_TICKETS:
         tickets = dict(sorted(tickets.items(), key=lambda item: item[1])[-MAX_TICKETS:])
-    state = replace(state, tickets=tickets)
+    in_flight = {k: v for k, v in state.in_flight.items() if v > now - IN_FLIGHT_TTL_SECONDS}
+    if len(in_flight) > MAX_TICKETS:
+        in_flight = dict(sorted(in_flight.items(), key=lambda item: item[1])[-MAX_TICKETS:])
+    state = replace(state, tickets=tickets, in_flight=in_flight)
     if state.reset_at is not None and now >= state.reset_at:
         # The window the state described is over. With a known rate, keep pacing until a
         # response says otherwise (a token bucket refills one token at a time). Without
@@ -262,13 +272,20 @@ def observe(
     *,
     now: float,
     rate_limited_until: float | None = None,
+    ticket: str | None = None,
 ) -> GateState:
     """Update the gate from a response; ``rate_limited_until`` is the wait a refused response asked.
 
-    ``blocked_until`` only ever moves later: two tasks reporting at once can't shorten a block.
+    ``ticket`` is the task whose response this is. ``blocked_until`` only ever moves later:
+    two tasks reporting at once can't shorten a block.
     """
     state = _expire(state, now)
     quota = read_quota(headers, now)
+    in_flight = dict(state.in_flight)
+    sent_at = in_flight.pop(ticket, None) if ticket is not None else None
+    # Requests let through after this one was are not in the server's count yet (and when
+    # we don't know when this one went, none of those out are): they will spend quota too.
+    unseen = sum(1 for let_through in in_flight.values() if sent_at is None or let_through > sent_at)
     blocked_until = state.blocked_until
     same_window = (
         quota.reset_at is not None and state.reset_at is not None and abs(quota.reset_at - state.reset_at) <= 1.0
@@ -280,7 +297,7 @@ def observe(
         # for this window: those tasks will spend quota too.
         window_end = quota.reset_at if quota.reset_at is not None else float("inf")
         promised = sum(1 for send_at in state.tickets.values() if send_at < window_end)
-        remaining = max(quota.remaining - promised, 0)
+        remaining = max(quota.remaining - promised - unseen, 0)
         if same_window and state.remaining is not None:
             # Within one window the quota only shrinks.
             remaining = min(state.remaining, remaining)
@@ -314,6 +331,7 @@ def observe(
         probe_until=0.0,
         window_first_seen=window_first_seen,
         window_seconds=window_seconds,
+        in_flight=in_flight,
     )
 
 
@@ -341,7 +359,7 @@ def admit(
     held = state.tickets.get(ticket)
     if held is not None:
         if held <= now and state.blocked_until <= now:
-            return Admission(send_at=now, reason=None, state=_release(state, ticket, now))
+            return _send_now(_release(state, ticket, now), ticket, now)
         if state.blocked_until <= held:
             return Admission(send_at=held, reason="waiting for its turn at the shared gate", state=state)
         # The gate closed past our time: queue again from blocked_until.
@@ -354,7 +372,7 @@ def admit(
         if state.probe_until > now:
             return _recheck(state, ticket, back_at(min(state.probe_until, now + RECHECK_SECONDS)), now)
         state = replace(state, probe_until=now + PROBE_TIMEOUT_SECONDS, updated_at=now)
-        return Admission(send_at=now, reason=None, state=state)
+        return _send_now(state, ticket, now)
     if state.remaining is None or state.remaining > 0:
         remaining = None if state.remaining is None else state.remaining - 1
         send_at = back_at(start)
@@ -390,9 +408,14 @@ def admit(
     return _at(state, ticket, back_at(start), now, "the API is blocked (shared gate)")
 
 
+def _send_now(state: GateState, ticket: str, now: float) -> Admission:
+    """Let the task send now; its request is out until its response is observed."""
+    return Admission(send_at=now, reason=None, state=replace(state, in_flight={**state.in_flight, ticket: now}))
+
+
 def _at(state: GateState, ticket: str, send_at: float, now: float, reason: str) -> Admission:
     if send_at <= now:
-        return Admission(send_at=now, reason=None, state=state)
+        return _send_now(state, ticket, now)
     tickets = {**state.tickets, ticket: send_at}
     return Admission(send_at=send_at, reason=reason, state=replace(state, tickets=tickets))
 
@@ -412,9 +435,11 @@ def _release(state: GateState, ticket: str, now: float) -> GateState:
     return replace(state, tickets=tickets, updated_at=now)
 
 
-def release_probe(state: GateState) -> GateState:
-    """The first-contact probe got no answer (refused, timed out): let the next task try."""
-    return replace(state, probe_until=0.0)
+def release_probe(state: GateState, ticket: str | None = None) -> GateState:
+    """A request got no answer (refused, timed out): it is no longer out, and if it was the
+    first-contact probe, the next task may try."""
+    in_flight = {k: v for k, v in state.in_flight.items() if k != ticket}
+    return replace(state, probe_until=0.0, in_flight=in_flight)
 
 
 def is_open(state: GateState, now: float) -> bool:

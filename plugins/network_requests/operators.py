@@ -411,7 +411,7 @@ class NetworkRequestOperator(BaseOperator):
                 response, elapsed = self.send_request(endpoint, url)
             except Exception:
                 # No answer to learn from: don't make the others wait out a probe that failed.
-                self._gate_release_probe()
+                self._gate_release_probe(ticket)
                 raise
             outcome = self.classify_response(response)
             status_line = f"{self.method} {safe_url} -> {response.status_code} in {elapsed:.3f}s"
@@ -419,11 +419,11 @@ class NetworkRequestOperator(BaseOperator):
                                      outcome.value, elapsed, self.clock()))
 
             if outcome is not Outcome.RATE_LIMITED:
-                self._gate_observe(response, rate_limited_until=None)
+                self._gate_observe(response, rate_limited_until=None, ticket=ticket)
 
             if outcome is Outcome.RATE_LIMITED:
                 wait = self.rate_limit_wait(response, now=self.clock(), consecutive_waits=progress.rate_limit_waits)
-                self._gate_observe(response, rate_limited_until=wait.not_before)
+                self._gate_observe(response, rate_limited_until=wait.not_before, ticket=ticket)
                 if wait.fallback_reason:
                     self.log.warning(
                         "Malformed rate-limit header, using %s: %s", wait.source.value, wait.fallback_reason
@@ -806,7 +806,9 @@ class NetworkRequestOperator(BaseOperator):
             return None, None
         return RateLimitWait(seconds, WaitSource.SHARED_GATE, now + timedelta(seconds=seconds)), admission.reason
 
-    def _gate_observe(self, response: requests.Response, *, rate_limited_until: datetime | None) -> None:
+    def _gate_observe(
+        self, response: requests.Response, *, rate_limited_until: datetime | None, ticket: str | None = None
+    ) -> None:
         if not self.shared_gate:
             return
         now = self.clock().timestamp()
@@ -815,15 +817,20 @@ class NetworkRequestOperator(BaseOperator):
         origin = self._origin()
         self.gate_store.update(
             self.http_conn_id,
-            lambda state: (None, observe(for_origin(state, origin), headers, now=now, rate_limited_until=until)),
+            lambda state: (
+                None,
+                observe(for_origin(state, origin), headers, now=now, rate_limited_until=until, ticket=ticket),
+            ),
         )
 
-    def _gate_release_probe(self) -> None:
+    def _gate_release_probe(self, ticket: str | None = None) -> None:
         if not self.shared_gate:
             return
         origin = self._origin()
         try:
-            self.gate_store.update(self.http_conn_id, lambda state: (None, release_probe(for_origin(state, origin))))
+            self.gate_store.update(
+                self.http_conn_id, lambda state: (None, release_probe(for_origin(state, origin), ticket))
+            )
         except Exception:  # the request's own error is what the user must see
             self.log.warning("Could not release the shared gate's probe", exc_info=True)
 

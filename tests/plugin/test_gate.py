@@ -604,7 +604,7 @@ def simulate(
     def deliver(at: float, task: str, response: Response) -> None:
         nonlocal state, announced
         until = None if response.retry_after is None else at + response.retry_after
-        state = observe(state, response.headers, now=at, rate_limited_until=until)
+        state = observe(state, response.headers, now=at, rate_limited_until=until, ticket=task)
         if response.announced is not None:
             announced = max(announced, response.announced)
         if response.status == 429:
@@ -866,3 +866,48 @@ def test_a_probe_that_got_no_answer_is_released_for_the_next_task():
     probing = admit(GateState(), "a", now=NOW).state
 
     assert admit(release_probe(probing), "b", now=NOW + 0.1).send_at == NOW + 0.1
+
+
+# A response's RateLimit-Remaining counts the requests the server had seen when it answered,
+# not those the gate let out after this one: found by the benchmark, where a trigger let out
+# right after another got the last token's 429 while the first one's answer was on its way.
+PACED = {"RateLimit-Policy": "5;w=5", "RateLimit-Reset": "1"}
+
+
+def test_requests_let_out_after_a_response_was_sent_still_count_against_its_remaining():
+    known = observe(GateState(), {**PACED, "RateLimit-Remaining": "2"}, now=NOW)
+    # Past the reset the server knows: what the next answer says is a new count.
+    a = admit(known, "a", now=NOW + 1.5)
+    b = admit(a.state, "b", now=NOW + 1.6)
+    assert (a.send_at, b.send_at) == (NOW + 1.5, NOW + 1.6)
+
+    # a's answer: one left, which b (already out) is about to take.
+    answered = observe(b.state, {**PACED, "RateLimit-Remaining": "1"}, now=NOW + 1.7, ticket="a")
+
+    assert answered.remaining == 0
+    assert admit(answered, "c", now=NOW + 1.8).send_at > NOW + 1.8, "c would take b's token"
+
+
+def test_a_response_counts_only_the_requests_let_out_after_its_own():
+    known = observe(GateState(), {**PACED, "RateLimit-Remaining": "3"}, now=NOW)
+    a = admit(known, "a", now=NOW + 1.5)
+    b = admit(a.state, "b", now=NOW + 1.6)
+
+    # b's answer came first; a went before b, so the server had counted it already.
+    answered = observe(b.state, {**PACED, "RateLimit-Remaining": "1"}, now=NOW + 1.7, ticket="b")
+
+    assert answered.remaining == 1
+    assert set(answered.in_flight) == {"a"}
+
+
+def test_a_request_without_an_answer_is_no_longer_out_and_one_never_reported_is_forgotten():
+    from network_requests.gate import IN_FLIGHT_TTL_SECONDS, release_probe
+
+    known = observe(GateState(), {**PACED, "RateLimit-Remaining": "3"}, now=NOW)
+    out = admit(admit(known, "a", now=NOW).state, "b", now=NOW).state
+    assert set(out.in_flight) == {"a", "b"}
+
+    assert set(release_probe(out, "a").in_flight) == {"b"}
+    later = observe(out, {}, now=NOW + IN_FLIGHT_TTL_SECONDS + 1)
+    assert later.in_flight == {}
+    assert GateState.from_json(out.to_json()).in_flight == out.in_flight

@@ -239,8 +239,8 @@ class NetworkRequestOperator(BaseOperator):
     :param extra_options: extra ``HttpHook`` options (``verify``, ``proxies``, ...).
     :param shared_gate: share what the server said with every task of the same connection
         (an Airflow Variable), so they wait without sending and queue for their turn.
-    :param deferrable: wait in the triggerer (a ``DateTimeTrigger`` due at the allowed
-        moment), the default; needs a running triggerer. ``False`` reschedules instead
+    :param deferrable: wait in the triggerer (a trigger due at the allowed moment), the
+        default; needs a running triggerer. ``False`` reschedules instead
         (``up_for_reschedule``, never due sooner than ``MIN_RESCHEDULE_DELAY``).
     :param finish_in_triggerer: with ``deferrable``, the triggerer sends the request at the
         allowed moment and ends the task there on success: a rate-limited task then costs

@@ -157,7 +157,7 @@ class WarmUpTriggererOperator(BaseOperator):
     def execute(self, context):
         from warmup_trigger import WarmUpTrigger
 
-        self.defer(trigger=WarmUpTrigger(), method_name="done")
+        self.defer(trigger=WarmUpTrigger(conn_id=CONN_ID), method_name="done")
 
     def done(self, context, event=None):
         return event

@@ -10,9 +10,6 @@ import asyncio
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-CONN_ID = "bench_api"
-
-
 class WarmUpTrigger(BaseTrigger):
     """Reads a Connection and a Variable from the triggerer, then fires.
 
@@ -21,14 +18,18 @@ class WarmUpTrigger(BaseTrigger):
     while paid that long ago, so the measured runs should not pay it either.
     """
 
+    def __init__(self, conn_id: str) -> None:
+        super().__init__()
+        self.conn_id = conn_id
+
     def serialize(self) -> tuple[str, dict]:
-        return ("warmup_trigger.WarmUpTrigger", {})
+        return ("warmup_trigger.WarmUpTrigger", {"conn_id": self.conn_id})
 
     async def run(self):
         from airflow.sdk import Connection, Variable
 
         def read() -> None:
-            Connection.get(CONN_ID)
+            Connection.get(self.conn_id)
             Variable.get("bench_warmup", default=None)
 
         await asyncio.to_thread(read)

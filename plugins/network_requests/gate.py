@@ -240,17 +240,23 @@ def read_quota(headers: Mapping[str, str], now: float) -> Quota:
     return Quota(interval=interval)
 
 
+def _latest(times: dict[str, float], *, after: float) -> dict[str, float]:
+    """The entries later than ``after``, at most MAX_TICKETS of them (the latest)."""
+    kept = {k: v for k, v in times.items() if v > after}
+    if len(kept) > MAX_TICKETS:
+        kept = dict(sorted(kept.items(), key=lambda item: item[1])[-MAX_TICKETS:])
+    return kept
+
+
 def _expire(state: GateState, now: float) -> GateState:
     """Forget what no longer matters: stale tickets, and the whole state once long past."""
     if state.updated_at and now > state.horizon + STATE_TTL_SECONDS:
         return GateState(interval=state.interval, origin=state.origin)
-    tickets = {k: v for k, v in state.tickets.items() if v > now - TICKET_TTL_SECONDS}
-    if len(tickets) > MAX_TICKETS:
-        tickets = dict(sorted(tickets.items(), key=lambda item: item[1])[-MAX_TICKETS:])
-    in_flight = {k: v for k, v in state.in_flight.items() if v > now - IN_FLIGHT_TTL_SECONDS}
-    if len(in_flight) > MAX_TICKETS:
-        in_flight = dict(sorted(in_flight.items(), key=lambda item: item[1])[-MAX_TICKETS:])
-    state = replace(state, tickets=tickets, in_flight=in_flight)
+    state = replace(
+        state,
+        tickets=_latest(state.tickets, after=now - TICKET_TTL_SECONDS),
+        in_flight=_latest(state.in_flight, after=now - IN_FLIGHT_TTL_SECONDS),
+    )
     if state.reset_at is not None and now >= state.reset_at:
         # The window the state described is over. With a known rate, keep pacing until a
         # response says otherwise (a token bucket refills one token at a time). Without

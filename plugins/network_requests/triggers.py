@@ -36,7 +36,6 @@ CLASSPATH = "network_requests.triggers.RateLimitedRequestTrigger"
 MAX_WAITS_IN_TRIGGER = 1000
 #: Long sleeps are cut into steps, so a wall-clock jump is noticed.
 _SLEEP_STEP_S = 60.0
-_XCOM_RETURN_KEY = "return_value"
 
 
 class _WaitRequested(Exception):
@@ -63,11 +62,10 @@ def _in_the_triggerer() -> bool:
     return isinstance(getattr(task_runner, "SUPERVISOR_COMMS", None), TriggerCommsDecoder)
 
 
-async def sleep_until(moment: datetime, clock: Any = None) -> None:
+async def sleep_until(moment: datetime) -> None:
     """Sleep until ``moment`` (never wake before it), in steps, on the wall clock."""
-    now = clock or (lambda: datetime.now(timezone.utc))
     for _ in range(100_000):  # bounded: each pass sleeps at least a little or returns
-        left = (moment - now()).total_seconds()
+        left = (moment - datetime.now(timezone.utc)).total_seconds()
         if left <= 0:
             return
         await asyncio.sleep(min(left, _SLEEP_STEP_S))
@@ -161,7 +159,7 @@ class RateLimitedRequestTrigger(BaseTrigger):
         from airflow.sdk.execution_time.xcom import XCom
 
         XCom.set(
-            key=_XCOM_RETURN_KEY,
+            key=XCom.XCOM_RETURN_KEY,
             value=result,
             dag_id=self.task_ref["dag_id"],
             task_id=self.task_ref["task_id"],
@@ -185,10 +183,8 @@ class RateLimitedRequestTrigger(BaseTrigger):
 class TriggererSideOperator(NetworkRequestOperator):
     """The operator as the trigger runs it: where it would defer, it raises the wait instead."""
 
-    def defer(self, *, trigger: Any, method_name: str, kwargs: dict[str, Any] | None = None,
-              timeout: Any = None) -> None:
-        kwargs = kwargs or {}
-        raise _WaitRequested(trigger.moment, kwargs.get("rate_limit_waits", 0), kwargs.get("waiting_since"))
+    def _wait_trigger(self, resume_at: datetime, context: Any, rate_limit_waits: int, waiting_since: str | None) -> Any:
+        raise _WaitRequested(resume_at, rate_limit_waits, waiting_since)
 
     def _minimum_delay(self) -> timedelta:
         # The race that needs a minimum delay (see min_defer_delay) is between a worker and

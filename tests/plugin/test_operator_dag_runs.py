@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TEST_DAGS_DIR
-from tests.support.dag_runner import operator_dag_source, rescheduling, run_dag, set_connection, write_dag_file
+from tests.support.dag_runner import (
+    operator_dag_source,
+    rescheduling,
+    run_dag,
+    run_operator_task,
+    set_connection,
+    write_dag_file,
+)
 from tests.support.scripted_api import ScriptedApi, ScriptedResponse, free_port
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
@@ -28,11 +35,7 @@ def run_operator(request, api_url: str, operator_kwargs: str, default_args: str 
     """Run one NetworkRequestOperator task. Short waits are rescheduled here (threshold 0),
     so the seconds-long waits of these tests exercise the reschedule path; the default
     in-process path has its own tests."""
-    dag_id = request.node.name.replace("[", "_").replace("]", "").replace("-", "_")[:200]
-    set_connection(api_url)
-    source = operator_dag_source(dag_id, rescheduling(operator_kwargs), default_args)
-    path = write_dag_file(TEST_DAGS_DIR, dag_id, source)
-    return run_dag(path, dag_id)
+    return run_operator_task(request, api_url, rescheduling(operator_kwargs), default_args)
 
 
 def test_429_with_retry_after_seconds_reschedules_without_spending_a_try(request, scripted_api):

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TEST_DAGS_DIR
-from tests.support.dag_runner import operator_dag_source, run_dag, set_connection, write_dag_file
+from tests.support.dag_runner import run_operator_task
 from tests.support.scripted_api import ScriptedResponse
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
@@ -21,13 +20,10 @@ pytestmark = pytest.mark.usefixtures("airflow_db")
 
 def _run(request, api_url: str, tmp_path: Path, operator_kwargs: str, default_args: str = "{'retries': 0}"):
     """Run one operator task; return the result and how many times it ran on a worker."""
-    dag_id = request.node.name.replace("[", "_").replace("]", "").replace("-", "_")[:200]
     worker_runs = tmp_path / "worker_runs"
-    set_connection(api_url)
     # on_execute_callback runs each time the task runs on a worker, a resumption included.
     kwargs = f"{operator_kwargs}, on_execute_callback=lambda context: open({str(worker_runs)!r}, 'a').write('run\\n')"
-    path = write_dag_file(TEST_DAGS_DIR, dag_id, operator_dag_source(dag_id, kwargs, default_args))
-    result = run_dag(path, dag_id)
+    result = run_operator_task(request, api_url, kwargs, default_args)
     runs = len(worker_runs.read_text().splitlines()) if worker_runs.exists() else 0
     return result, runs
 

@@ -137,6 +137,16 @@ with DAG(
 '''
 
 
+def run_operator_task(request: Any, api_url: str, operator_kwargs: str, default_args: str = "{}") -> DagRunResult:
+    """``dag.test()`` a one-task DAG (see operator_dag_source) named after the test, against ``api_url``."""
+    from tests.conftest import TEST_DAGS_DIR
+
+    dag_id = request.node.name.replace("[", "_").replace("]", "").replace("-", "_")[:200]
+    set_connection(api_url)
+    path = write_dag_file(TEST_DAGS_DIR, dag_id, operator_dag_source(dag_id, operator_kwargs, default_args))
+    return run_dag(path, dag_id)
+
+
 def rescheduling(operator_kwargs: str) -> str:
     """Operator kwargs with in-process waiting off and deferral off (unless the kwargs set them),
     so even a 1 s wait takes the reschedule path."""

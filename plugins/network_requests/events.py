@@ -1,6 +1,7 @@
 """What happened on each attempt, for whoever wants to know (metrics, the UI timeline).
 
-The operator calls :func:`emit` once per attempt and once per wait; subscribers registered
+The operator and the trigger call :func:`emit` once per attempt, once per wait and
+whenever the shared gate could not be read or updated; subscribers registered
 with :func:`subscribe` turn the events into metrics or stored history. A failing
 subscriber is logged and never fails the task: observing must not change the outcome.
 """
@@ -8,11 +9,18 @@ subscriber is logged and never fails the task: observing must not change the out
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
+from network_requests.endpoints import redact_url
+
 log = logging.getLogger(__name__)
+
+#: ``GateUpdateFailedEvent.error`` is at most this long: a reason, not a traceback.
+MAX_ERROR_CHARS = 300
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>]+")
 
 
 @dataclass(frozen=True)
@@ -42,7 +50,21 @@ class WaitEvent:
     task: str  # dag_id.task_id[map_index]
 
 
-Event = AttemptEvent | WaitEvent
+@dataclass(frozen=True)
+class GateUpdateFailedEvent:
+    """The shared gate could not be read or updated; the task went on (e.g. after a 2xx).
+
+    ``error`` is short (exception type and message, cut to :data:`MAX_ERROR_CHARS`) with
+    any URL in it redacted: build it with :func:`describe_error`.
+    """
+
+    conn_id: str
+    operation: str  # what was being done: "observe", "admit", "release_probe", "read", ...
+    error: str
+    at: datetime
+
+
+Event = AttemptEvent | WaitEvent | GateUpdateFailedEvent
 _subscribers: list[Callable[[Event], None]] = []
 
 
@@ -64,3 +86,14 @@ def emit(event: Event) -> None:
             callback(event)
         except Exception:
             log.warning("network_requests event subscriber %r failed", callback, exc_info=True)
+
+
+def describe_error(error: BaseException) -> str:
+    """``"TypeName: message"``, short, with every URL in the message made safe by ``redact_url``.
+
+    A store or client error may quote the URL it was talking to (a Redis URL with a
+    password, an API URL with a key in its query): that must not reach a log or a metric.
+    """
+    message = _URL.sub(lambda match: redact_url(match.group(0)), str(error))
+    text = f"{type(error).__name__}: {message}" if message else type(error).__name__
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"

@@ -23,10 +23,13 @@ Datadog, StatsD with ``statsd_influxdb_enabled``), and with the connection in th
 - ``network_requests.gate.guard_hits`` (counter) and ``network_requests.gate.wait_seconds``
   (timer): the shared gate stopped a request before it was sent (the early-request guard),
   and for how long;
-- ``network_requests.initial_delays`` (counter): an ``initial_delay`` wait (not a rate limit).
+- ``network_requests.initial_delays`` (counter): an ``initial_delay`` wait (not a rate limit);
+- ``network_requests.gate_update_failed`` (counter): the shared gate could not be read or
+  updated (the task went on without it, e.g. after a 2xx); tagged ``operation``.
 
 Tags: ``conn_id`` on all; ``source`` and ``mode`` (``reschedule``/``defer``/``in_process``)
-on waits; ``status_class`` on requests. A metric that cannot be sent is logged and
+on waits; ``status_class`` on requests; ``operation`` on gate failures. No tag or name
+ever holds a URL or an error message (they could carry a secret). A metric that cannot be sent is logged and
 dropped: metrics never fail a task.
 """
 
@@ -39,7 +42,7 @@ from datetime import timedelta
 from typing import Any
 
 from network_requests import events
-from network_requests.events import AttemptEvent, Event, WaitEvent
+from network_requests.events import AttemptEvent, Event, GateUpdateFailedEvent, WaitEvent
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +118,11 @@ def record_wait(event: WaitEvent) -> None:
         _timing("gate.wait_seconds", event.conn_id, event.seconds, {"mode": event.mode})
 
 
+def record_gate_update_failed(event: GateUpdateFailedEvent) -> None:
+    # The operation only (a short fixed word): the error text stays in the task log.
+    _incr("gate_update_failed", event.conn_id, {"operation": stat_safe(event.operation).lower()})
+
+
 def on_event(event: Event) -> None:
     """The events subscriber: one event in, its metrics out; never raises."""
     try:
@@ -122,6 +130,8 @@ def on_event(event: Event) -> None:
             record_attempt(event)
         elif isinstance(event, WaitEvent):
             record_wait(event)
+        elif isinstance(event, GateUpdateFailedEvent):
+            record_gate_update_failed(event)
     except Exception:
         log.warning("Could not send network_requests metrics for %r", event, exc_info=True)
 

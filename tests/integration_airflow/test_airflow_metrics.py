@@ -149,3 +149,50 @@ def test_statsd_receives_request_and_wait_metrics_from_a_429(request, scripted_a
     assert elapsed < 120
     assert scripted_api.request_count == 3
     assert scripted_api.gaps()[1] >= 2.0, "the gate let a request through before the quota reset"
+
+
+GATE_FAILURE_EMITTER = textwrap.dedent(
+    """
+    from datetime import datetime, timezone
+    from airflow.sdk.configuration import conf
+    from airflow.sdk.observability.metrics import stats_utils
+    from airflow.sdk._shared.observability.metrics import stats
+    from network_requests import events, metrics
+    from network_requests.events import GateUpdateFailedEvent
+
+    # As the task runner does before a task runs (task_runner.main).
+    stats.initialize(factory=stats_utils.get_stats_factory(), export_legacy_names=conf.getboolean("metrics", "legacy_names_on"))
+    metrics.install()
+    events.emit(GateUpdateFailedEvent(
+        conn_id="metrics.api", operation="observe",
+        error="ConnectionError: redis://:hunter2@127.0.0.1:1/0 refused", at=datetime.now(timezone.utc),
+    ))
+    print("EMITTED")
+    """
+)
+
+
+def test_statsd_counts_a_gate_update_failure_tagged_by_connection_without_the_error_text():
+    with StatsdListener() as statsd:
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(PLUGINS_DIR), str(REPO_ROOT)]),
+            "AIRFLOW__METRICS__STATSD_ON": "True",
+            "AIRFLOW__METRICS__STATSD_HOST": "127.0.0.1",
+            "AIRFLOW__METRICS__STATSD_PORT": str(statsd.port),
+            "AIRFLOW__METRICS__STATSD_PREFIX": "airflow",
+            # Tags in the StatsD lines, so the test sees what a tagging backend would get.
+            "AIRFLOW__METRICS__STATSD_INFLUXDB_ENABLED": "True",
+        }
+        result = subprocess.run(
+            [sys.executable, "-c", GATE_FAILURE_EMITTER], capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=120
+        )
+        time.sleep(0.5)  # the last UDP datagrams
+    assert result.returncode == 0 and "EMITTED" in result.stdout, result.stderr[-4000:]
+    metrics = statsd.metrics()
+    assert metrics["airflow.network_requests.conn.metrics_api.gate_update_failed"] == ["1|c"]
+    (tagged,) = [name for name in metrics if name.startswith("airflow.network_requests.gate_update_failed")]
+    assert "conn_id=metrics.api" in tagged and "operation=observe" in tagged
+    assert metrics[tagged] == ["1|c"]
+    # The error text (which may quote a URL) stays out of every metric.
+    assert not any("hunter2" in line or "redis" in line for line in statsd.lines), statsd.lines

@@ -1,4 +1,4 @@
-"""Which endpoints and URLs a task may request: pure checks, no I/O.
+"""Which endpoints and URLs a task may request, and what of a URL may be shown: no I/O.
 
 An endpoint comes from a DAG author or, through a trigger form, from anyone who may
 trigger a DAG. It must stay a path on the Connection's host: never a full URL,
@@ -8,8 +8,10 @@ any request, closes the door to SSRF through a trigger form.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import re
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, unquote_plus, urlsplit
 
 # Characters RFC 3986 allows in a path and query (unreserved, sub-delims, ':', '@'
 # is excluded on purpose, '/', '?', '%' for escapes, '=' and '&' for queries).
@@ -71,11 +73,125 @@ def same_origin(url: str, base_url: str) -> bool:
         return False
 
 
+# -- What of a URL may be shown -------------------------------------------------------------
+# Every log line, event, wait-history entry, metric and UI row that names a URL goes
+# through ``redact_url``. It drops the user info and masks the values of query parameters
+# whose names say they hold a secret, by Airflow's own rule for sensitive names.
+
+#: What a masked value becomes: Airflow's own mask, so a reader of a task log knows it.
+MASK = "***"
+
+#: Names Airflow's masker does not list that carry credentials in well-known APIs' query
+#: strings (Google's ``key``, Azure SAS ``sig``, AWS presigned ``X-Amz-Signature`` and
+#: ``X-Amz-Credential``, ``auth``, session ids, ``pwd``). The extra link masked them before
+#: it used Airflow's names; it still does, and now every log line does too.
+EXTRA_SENSITIVE_NAMES = frozenset({"key", "auth", "sig", "signature", "credential", "session", "pwd"})
+
+#: Airflow 3.3's ``DEFAULT_SENSITIVE_FIELDS``, used only if no Airflow module provides it
+#: (masking never depends on an import succeeding).
+_FALLBACK_AIRFLOW_NAMES = frozenset(
+    {
+        "access_key", "access_token", "api_key", "apikey", "auth_header", "authorization", "bearer",
+        "connection_string", "dsn", "passphrase", "passwd", "password", "private_key", "proxy",
+        "proxy_password", "proxies", "secret", "service_account", "service_key", "token",
+        "keyfile_dict", "webhook_url",
+    }
+)  # fmt: skip
+_PAIR_SEPARATORS = re.compile(r"([&;])")
+
+
+def airflow_sensitive_names() -> frozenset[str]:
+    """The names Airflow's secrets masker hides: its defaults plus ``[core] sensitive_var_conn_names``.
+
+    The one place that reaches into Airflow's masker module, which has no public home in
+    Airflow 3.3 (``airflow.sdk._shared`` on workers and triggerers, ``airflow._shared`` in
+    core; ``airflow.sdk.execution_time.secrets_masker`` before 3.2). Configured names are
+    lower-cased: Airflow compares them with a lower-cased name, so ``MyToken`` in the config
+    would otherwise never match.
+    """
+    return _AIRFLOW_DEFAULTS | _configured_names(_configured_value())
+
+
+def _airflow_default_names() -> frozenset[str]:
+    for module in ("airflow.sdk._shared.secrets_masker", "airflow._shared.secrets_masker"):
+        try:
+            return frozenset(importlib.import_module(module).DEFAULT_SENSITIVE_FIELDS)
+        except (ImportError, AttributeError):
+            continue
+    return _FALLBACK_AIRFLOW_NAMES
+
+
+def _configured_value() -> str:
+    try:
+        from airflow.sdk.configuration import conf
+    except ImportError:
+        from airflow.configuration import conf
+    try:
+        return conf.get("core", "sensitive_var_conn_names", fallback="") or ""
+    except Exception:  # a config that cannot be read: the defaults still apply
+        return ""
+
+
+@functools.lru_cache(maxsize=8)
+def _configured_names(value: str) -> frozenset[str]:
+    return frozenset(name.strip().lower() for name in value.split(",") if name.strip())
+
+
+_AIRFLOW_DEFAULTS = _airflow_default_names()
+
+
+def is_sensitive_name(name: str, sensitive: frozenset[str] | None = None) -> bool:
+    """Is ``name`` (a query parameter name, percent-decoded) one whose value must be hidden?
+
+    Airflow's rule (``SecretsMasker.should_hide_value_for_key``): the name, lower-cased and
+    with every run of non-word characters made ``_``, contains one of the sensitive names
+    (``X-Api-Key`` contains ``api_key``; ``client_secret`` contains ``secret``). The names
+    are Airflow's plus :data:`EXTRA_SENSITIVE_NAMES` (``sensitive`` replaces them, for tests).
+    """
+    names = sensitive if sensitive is not None else airflow_sensitive_names() | EXTRA_SENSITIVE_NAMES
+    normalized = re.sub(r"\W+", "_", name.strip().lower())
+    return any(sensitive_name in normalized for sensitive_name in names)
+
+
+def _masked_pairs(text: str, sensitive: frozenset[str]) -> str:
+    """``a=1&api_key=x`` -> ``a=1&api_key=***``; everything else kept exactly as written."""
+    pieces = _PAIR_SEPARATORS.split(text)
+    for index in range(0, len(pieces), 2):  # odd indexes are the separators themselves
+        name, equals, value = pieces[index].partition("=")
+        if equals and value and is_sensitive_name(unquote_plus(name), sensitive):
+            pieces[index] = f"{name}={MASK}"
+    return "".join(pieces)
+
+
 def redact_url(url: str) -> str:
-    """The URL without user info (``user:password@``), safe to log or show."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
+    """``url`` safe to log or show: no user info, sensitive query values masked.
+
+    ``https://user:pw@api.example.com/items?api_key=abc&page=2`` becomes
+    ``https://api.example.com/items?api_key=***&page=2``. Names are matched after
+    percent-decoding, in any case, and every repeat of a name is masked; the fragment is
+    treated like the query. The rest is kept character for character, and it never raises.
+
+    Not detectable: a secret in the path (``/keys/abc123/items``, a templated endpoint), in
+    a parameter without a name, or in a name that says nothing (``?q=abc123``).
+    """
+    if not isinstance(url, str):
         return url
+    rest, hash_, fragment = url.partition("#")
+    rest, question, query = rest.partition("?")
+    rest = _without_user_info(rest)
+    if not (query or fragment):
+        return rest + question + hash_
+    sensitive = airflow_sensitive_names() | EXTRA_SENSITIVE_NAMES
+    return rest + question + _masked_pairs(query, sensitive) + hash_ + _masked_pairs(fragment, sensitive)
+
+
+def _without_user_info(head: str) -> str:
+    """The scheme, authority and path with ``user:password@`` dropped from the authority."""
+    scheme, separator, after = head.partition("//")
+    if not separator or (scheme and not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.\-]*:", scheme)):
+        return head
+    authority, slash, path = after.partition("/")
+    if "@" not in authority:
+        return head
     # Keep the host and port exactly as written (even an invalid port): only drop user info.
-    netloc = parts.netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return scheme + separator + authority.rpartition("@")[2] + slash + path

@@ -24,6 +24,7 @@ from airflow.plugins_manager import AirflowPlugin
 
 from network_requests import metrics
 from network_requests.links import ApiEndpointLink
+from network_requests.operators import NetworkRequestOperator
 from network_requests.ui import UI_ROUTE, URL_PREFIX
 
 PLUGIN_NAME = "network_requests"
@@ -40,6 +41,11 @@ def _ui_base_path() -> str:
         return urlsplit(conf.get("api", "base_url", fallback="") or "").path.rstrip("/")
     except Exception:
         return ""
+
+
+# The task types the API server attaches the link to. Set here, not in ``links.py``, so the
+# package's modules never import each other in a circle (the operator lists the link).
+ApiEndpointLink.operators = [NetworkRequestOperator]
 
 
 class NetworkRequestsPlugin(AirflowPlugin):

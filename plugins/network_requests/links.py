@@ -6,8 +6,8 @@ it as an XCom under ``link.xcom_key``; the API server never sees the operator ob
 its serialized form, and reads that XCom back. So:
 
 - in the task process, :meth:`ApiEndpointLink.get_link` gets the real, rendered operator:
-  it builds the URL from the Connection's base URL and the rendered endpoint, drops the
-  user info (``user:password@``) and masks secret-looking query parameters;
+  it builds the URL from the Connection's base URL and the rendered endpoint and shows it
+  through ``redact_url`` (no user info, the values of sensitive query parameters masked);
 - on the API server (the plugin registers the link, and plugin links take precedence
   there), it reads the XCom the task stored, exactly as Airflow's own ``XComOperatorLink``.
 
@@ -17,32 +17,18 @@ The link appears once a try has finished (success, failure, retry), on every map
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from airflow.sdk import BaseOperatorLink
+from airflow.sdk import BaseOperator, BaseOperatorLink
 
 from network_requests.endpoints import UnsafeEndpointError, redact_url, same_origin, validate_endpoint
 
 log = logging.getLogger(__name__)
 
-#: Query parameters whose values never go into a link (they often carry API keys).
-_SECRET_PARAM = re.compile(r"(?i)(key|token|secret|password|passwd|pwd|auth|signature|sig|credential|session)")
-REDACTED = "REDACTED"
-
 
 def public_url(url: str) -> str:
-    """``url`` without user info, and with the values of secret-looking query parameters masked."""
-    url = redact_url(url)
-    parts = urlsplit(url)
-    if not parts.query:
-        return url
-    pairs = parse_qsl(parts.query, keep_blank_values=True)
-    if not any(_SECRET_PARAM.search(name) for name, _ in pairs):
-        return url
-    masked = [(name, REDACTED if _SECRET_PARAM.search(name) else value) for name, value in pairs]
-    return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(masked), parts.fragment))
+    """``url`` as the link shows it: :func:`~network_requests.endpoints.redact_url` (no user info, secrets masked)."""
+    return redact_url(url)
 
 
 def endpoint_url(operator: Any) -> str:
@@ -66,26 +52,17 @@ def endpoint_url(operator: Any) -> str:
     return public_url(url)
 
 
-class _NetworkRequestOperators:
-    """``ApiEndpointLink.operators``, resolved on access: ``operators.py`` imports this module."""
-
-    def __get__(self, instance: object, owner: type | None = None) -> list[type]:
-        from network_requests.operators import NetworkRequestOperator
-
-        return [NetworkRequestOperator]
-
-
 class ApiEndpointLink(BaseOperatorLink):
     """Button "API endpoint" on a ``NetworkRequestOperator`` task: the request URL, no credentials."""
 
     name = "API endpoint"
-    operators = _NetworkRequestOperators()  # type: ignore[assignment]
+    # ``operators`` (which task types the API server attaches this link to) is filled in by
+    # the plugin, which may import the operator: this module must not (no import cycle).
 
     def get_link(self, operator: Any, *, ti_key: Any) -> str:
-        from network_requests.operators import NetworkRequestOperator
-
-        if isinstance(operator, NetworkRequestOperator):
-            # The task process: the operator is real and its fields are rendered.
+        if isinstance(operator, BaseOperator):
+            # The task process: the operator is real (the class that lists this link) and
+            # its fields are rendered. The API server only has a serialized operator.
             return endpoint_url(operator)
         # The API server: only the serialized operator; the task stored the link as an XCom.
         return self._stored_link(operator, ti_key)

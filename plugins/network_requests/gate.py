@@ -1,8 +1,8 @@
 """The shared rate-limit gate: one schedule of send times per connection, pure and serialisable.
 
-When one task learns that the API is blocked until T (a ``Retry-After``, or a reset header
-while the remaining quota is 0, which lets us stop *before* the 429), every other task of
-the same connection waits for T without sending. While the API is throttled, the gate hands
+When one task learns that the API is blocked until T (a ``Retry-After``, or a reset while
+the remaining quota is 0, which lets us stop *before* the 429), every other task of the
+same connection waits for T without sending. While the API is throttled, the gate hands
 out send times one by one, so tasks that wake at T don't all send at once and get refused
 again:
 
@@ -17,23 +17,31 @@ again:
 Each task holds a *ticket* (its task-instance key). A task that comes back at its time
 sends only if the gate has not been closed further meanwhile; otherwise it is given a new
 time. Every function here takes ``now`` (epoch seconds) and returns a new state: the
-storage and locking live in :mod:`network_requests.gate_store`.
+storage and locking live in :mod:`network_requests.gate_store`, and what a response says
+is read by :mod:`network_requests.rate_limit_headers` (nothing here reads a header).
+
+The state is bounded and fails safe, because one stored value outlives the response that
+caused it and every later task of the connection reads it:
+
+- no time the gate stores or hands out lies more than :data:`HORIZON_SECONDS` (the header
+  reader's 7 days) after the ``now`` it was written at, and every count is capped;
+- a state is forgotten relative to *now*: once all its times are :data:`STATE_TTL_SECONDS`
+  in the past, or once it has not been written for :data:`MAX_STATE_AGE_SECONDS`;
+- a stored state that cannot be read (not JSON, a wrong type, a time beyond the horizon)
+  becomes a short conservative block (:data:`DAMAGED_STATE_BLOCK_SECONDS`, or any longer
+  block still readable in it), marked :attr:`GateState.damaged`: never an open gate, never
+  an exception.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
-from collections.abc import Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
-from network_requests.rate_limit import (
-    EPOCH_THRESHOLD_SECONDS,
-    MAX_HEADER_WAIT_SECONDS,
-    MalformedHeaderError,
-    parse_delta_seconds,
-)
+from network_requests.rate_limit_headers import MAX_HORIZON_SECONDS, RateLimitInfo
 
 #: A state untouched for this long after its last time has passed is forgotten.
 STATE_TTL_SECONDS = 300.0
@@ -49,16 +57,26 @@ PROBE_TIMEOUT_SECONDS = 10.0
 #: A request let through is counted as out (unseen by the server's count) until its
 #: response is observed, or for this long if its task never reports.
 IN_FLIGHT_TTL_SECONDS = 120.0
-
-
-@dataclass(frozen=True)
-class Quota:
-    """What one response said about the quota; ``None`` for anything it did not say."""
-
-    limit: int | None = None
-    remaining: int | None = None
-    reset_at: float | None = None  # epoch seconds
-    interval: float | None = None  # seconds per request on average (from RateLimit-Policy)
+#: No time is stored or handed out further than this after the ``now`` it is computed at:
+#: the header reader believes no wait beyond it, so neither does the gate.
+HORIZON_SECONDS = float(MAX_HORIZON_SECONDS)
+#: A stored time up to this much beyond the reader's horizon is still read (as the horizon):
+#: the host that wrote it may have a clock this far ahead. Beyond it, the state is damaged.
+CLOCK_SKEW_SECONDS = 300.0
+#: Counts (remaining, limit, send times handed out for a window) are capped here: far above
+#: any real quota, far below anything that could overflow a float or a database column.
+MAX_COUNT = 10**9
+#: A state not written for this long is forgotten whatever it holds. Every time the gate
+#: writes lies within HORIZON_SECONDS of that write, so nothing it wrote can matter later.
+MAX_STATE_AGE_SECONDS = HORIZON_SECONDS + STATE_TTL_SECONDS
+#: How long an unreadable stored state holds its connection. What was lost may have been a
+#: block, so the gate must not open at once; but every real block the server announced is
+#: re-announced by its next answer, and after this pause the gate knows nothing, so one
+#: request goes first as a probe (see :func:`admit`) and brings the real limits back: being
+#: wrong costs at most that one request. 30 s lets the requests already out report back,
+#: covers the per-second and most of a per-minute window, and keeps a corrupt Variable
+#: from stalling a connection: a task waits it out in the worker or one short deferral.
+DAMAGED_STATE_BLOCK_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -94,46 +112,164 @@ class GateState:
     window_seconds: float = 0.0
     #: ticket -> when the gate let that task send; until its response is observed.
     in_flight: dict[str, float] = field(default_factory=dict)
+    #: Why the stored state could not be read, when this state is the conservative block
+    #: that replaced it (for the store to log once, and for the UI). Not stored, not compared:
+    #: the next write stores a sound state.
+    damaged: str | None = field(default=None, compare=False)
 
     def to_json(self) -> str:
         # A shallow dict: asdict() deep-copies every ticket, which adds up at thousands.
-        fields = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        fields = {name: getattr(self, name) for name in _STORED_FIELDS}
         return json.dumps(fields, sort_keys=True)
 
     @classmethod
-    def from_json(cls, raw: str | None) -> GateState:
-        """Read a stored state; anything unreadable is a fresh gate (never an error)."""
-        if not raw:
+    def from_json(cls, raw: str | bytes | None, *, now: float) -> GateState:
+        """Read a stored state, checking every field against ``now``. Never raises.
+
+        Nothing stored is a fresh gate. A state that cannot be read (not JSON, a wrong type,
+        a negative count, a time beyond the horizon) is a conservative block: ``now`` +
+        :data:`DAMAGED_STATE_BLOCK_SECONDS`, or the stored ``blocked_until`` when that field
+        is readable and later, with :attr:`damaged` saying why.
+        """
+        if raw is None or raw in ("", b""):
             return cls()
         try:
             data = json.loads(raw)
-            tickets = {str(k): _finite(v) for k, v in dict(data.get("tickets") or {}).items()}
-            in_flight = {str(k): _finite(v) for k, v in dict(data.get("in_flight") or {}).items()}
-            return cls(
-                blocked_until=_finite(data.get("blocked_until") or 0.0),
-                remaining=_optional_int(data.get("remaining")),
-                reset_at=_optional_float(data.get("reset_at")),
-                limit=_optional_int(data.get("limit")),
-                interval=_optional_float(data.get("interval")),
-                next_slot=_finite(data.get("next_slot") or 0.0),
-                next_window_taken=int(data.get("next_window_taken") or 0),
-                tickets=tickets,
-                updated_at=_finite(data.get("updated_at") or 0.0),
-                origin=str(data.get("origin") or ""),
-                observed_at=_finite(data.get("observed_at") or 0.0),
-                probe_until=_finite(data.get("probe_until") or 0.0),
-                window_first_seen=_finite(data.get("window_first_seen") or 0.0),
-                window_seconds=_finite(data.get("window_seconds") or 0.0),
-                in_flight=in_flight,
-            )
-        except (TypeError, ValueError, AttributeError, OverflowError):
-            return cls()
+        except Exception as error:  # any bytes at all: RecursionError, UnicodeDecodeError, ...
+            return damaged_state(f"not JSON ({type(error).__name__})", now=now)
+        if not isinstance(data, dict):
+            return damaged_state(f"not a JSON object but {type(data).__name__}", now=now)
+        try:
+            return _read_fields(data, now)
+        except Exception as error:  # a bug in the checks must not open the gate either
+            return damaged_state(f"unreadable ({type(error).__name__})", now=now)
 
     @property
     def horizon(self) -> float:
         """The latest time the state still says anything about."""
         times = [self.updated_at, self.blocked_until, self.next_slot, self.reset_at or 0.0, *self.tickets.values()]
         return max(times)
+
+
+_STORED_FIELDS = tuple(name for name in GateState.__dataclass_fields__ if name != "damaged")
+
+
+def damaged_state(reason: str, *, now: float, blocked_until: float = 0.0, origin: str = "") -> GateState:
+    """The conservative block that stands in for a state that could not be read."""
+    return GateState(
+        blocked_until=max(now + DAMAGED_STATE_BLOCK_SECONDS, blocked_until),
+        origin=origin,
+        updated_at=now,
+        damaged=reason,
+    )
+
+
+# -- reading a stored state ------------------------------------------------------------------
+
+
+class _BadField(ValueError):
+    pass
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _number(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _BadField(f"{_shown(value)} is not a number")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise _BadField(f"{_shown(value)} is too large") from None
+    if not math.isfinite(number):
+        raise _BadField(f"{value!r} is not finite")
+    return number
+
+
+def _stored_time(value: object, now: float) -> float:
+    """An epoch time the gate could have written: 0 (never) up to the horizon after now."""
+    number = _number(value)
+    if number < 0:
+        raise _BadField(f"{_shown(value)} is before 1970")
+    latest = now + HORIZON_SECONDS
+    if number > latest + CLOCK_SKEW_SECONDS:
+        raise _BadField(f"{_shown(value)} is {(number - now) / 86400:,.0f} days away, beyond the horizon")
+    return min(number, latest)
+
+
+def _stored_seconds(value: object) -> float:
+    number = _number(value)
+    if not 0 <= number <= HORIZON_SECONDS:
+        raise _BadField(f"{_shown(value)} s is not a duration within the horizon")
+    return number
+
+
+def _stored_count(value: object) -> int:
+    number = _number(value)
+    if not number.is_integer() or not 0 <= number <= MAX_COUNT:
+        raise _BadField(f"{_shown(value)} is not a count from 0 to {MAX_COUNT}")
+    return int(number)
+
+
+def _stored_times(value: object, now: float) -> dict[str, float]:
+    if not isinstance(value, dict):
+        raise _BadField(f"{_shown(value)} is not an object")
+    times = {str(key): _stored_time(at, now) for key, at in value.items()}
+    if len(times) > MAX_TICKETS:
+        times = dict(sorted(times.items(), key=lambda item: item[1])[-MAX_TICKETS:])
+    return times
+
+
+def _stored_text(value: object) -> str:
+    if not isinstance(value, str):
+        raise _BadField(f"{_shown(value)} is not a string")
+    return value
+
+
+def _read_fields(data: dict[str, Any], now: float) -> GateState:
+    """Each field checked on its own: one bad field leaves the good ones (a block) usable."""
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    readers = {
+        "blocked_until": lambda v: _stored_time(v, now),
+        "remaining": _stored_count,
+        "reset_at": lambda v: _stored_time(v, now),
+        "limit": _stored_count,
+        "interval": _stored_seconds,
+        "next_slot": lambda v: _stored_time(v, now),
+        "next_window_taken": _stored_count,
+        "tickets": lambda v: _stored_times(v, now),
+        "updated_at": lambda v: _stored_time(v, now),
+        "origin": _stored_text,
+        "observed_at": lambda v: _stored_time(v, now),
+        "probe_until": lambda v: _stored_time(v, now),
+        "window_first_seen": lambda v: _stored_time(v, now),
+        "window_seconds": _stored_seconds,
+        "in_flight": lambda v: _stored_times(v, now),
+    }
+    for name, read in readers.items():
+        value = data.get(name)
+        if value is None:
+            continue  # absent (an older state) or null: the default
+        try:
+            values[name] = read(value)
+        except _BadField as problem:
+            problems.append(f"{name}: {problem}")
+    if problems:
+        return damaged_state(
+            "; ".join(problems),
+            now=now,
+            blocked_until=values.get("blocked_until", 0.0),
+            origin=values.get("origin", ""),
+        )
+    if "interval" in values and values["interval"] == 0:
+        values["interval"] = None  # 0 s per request says nothing
+    return GateState(**values)
+
+
+# -- transitions -----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -152,92 +288,15 @@ class Admission:
 
 
 def for_origin(state: GateState, origin: str) -> GateState:
-    """The state if it is about ``origin``, else a fresh one: what another API said does not apply."""
-    return state if state.origin == origin else GateState(origin=origin)
+    """The state if it is about ``origin``, else a fresh one: what another API said does not apply.
 
-
-def _optional_int(value: object) -> int | None:
-    return None if value is None else int(value)  # type: ignore[call-overload]
-
-
-def _optional_float(value: object) -> float | None:
-    return None if value is None else _finite(value)
-
-
-def _finite(value: object) -> float:
-    number = float(value)  # type: ignore[arg-type]
-    if not math.isfinite(number):
-        raise ValueError(f"not a finite number: {value!r}")
-    return number
-
-
-def _lower(headers: Mapping[str, str]) -> dict[str, str]:
-    return {str(k).lower(): str(v) for k, v in headers.items()}
-
-
-def _first_int(raw: str | None) -> int | None:
-    if raw is None:
-        return None
-    try:
-        return parse_delta_seconds(raw.split(",")[0])
-    except MalformedHeaderError:
-        return None
-
-
-def _policy_interval(raw: str | None) -> float | None:
-    """Seconds per request from ``RateLimit-Policy`` (``5;w=5`` or ``"default";q=5;w=5``).
-
-    With several policies the slowest one wins.
+    A damaged state whose origin could not be read may be about ``origin``: its block holds.
     """
-    if not raw:
-        return None
-    slowest: float | None = None
-    for item in raw.split(","):
-        parts = [part.strip() for part in item.split(";")]
-        quota = window = None
-        head = parts[0].strip('"')
-        if re.fullmatch(r"[0-9]{1,12}", head, re.ASCII):
-            quota = int(head)
-        for parameter in parts[1:]:
-            name, _, value = parameter.partition("=")
-            name = name.strip().lower()
-            if not re.fullmatch(r"[0-9]{1,12}", value.strip(), re.ASCII):
-                continue
-            if name == "q":
-                quota = int(value)
-            elif name == "w":
-                window = int(value)
-        if quota and window:
-            interval = min(window / quota, float(MAX_HEADER_WAIT_SECONDS))
-            slowest = interval if slowest is None else max(slowest, interval)
-    return slowest
-
-
-def read_quota(headers: Mapping[str, str], now: float) -> Quota:
-    """What a response says about the quota, from ``RateLimit-*`` or ``X-RateLimit-*`` headers."""
-    lowered = _lower(headers)
-    interval = _policy_interval(lowered.get("ratelimit-policy"))
-    if "ratelimit-remaining" in lowered or "ratelimit-reset" in lowered:
-        reset = _first_int(lowered.get("ratelimit-reset"))
-        return Quota(
-            limit=_first_int(lowered.get("ratelimit-limit")),
-            remaining=_first_int(lowered.get("ratelimit-remaining")),
-            reset_at=None if reset is None else now + reset,
-            interval=interval,
-        )
-    if "x-ratelimit-remaining" in lowered or "x-ratelimit-reset" in lowered:
-        raw_reset = lowered.get("x-ratelimit-reset", "").strip()
-        reset_at = None
-        if re.fullmatch(r"[0-9]{1,15}(\.[0-9]+)?", raw_reset, re.ASCII):
-            value = float(raw_reset)
-            reset_at = now + value if value < EPOCH_THRESHOLD_SECONDS else value
-        return Quota(
-            limit=_first_int(lowered.get("x-ratelimit-limit")),
-            remaining=_first_int(lowered.get("x-ratelimit-remaining")),
-            reset_at=reset_at,
-            interval=interval,
-        )
-    return Quota(interval=interval)
+    if state.origin == origin:
+        return state
+    if state.damaged is not None and not state.origin:
+        return replace(state, origin=origin)
+    return GateState(origin=origin)
 
 
 def _latest(times: dict[str, float], *, after: float) -> dict[str, float]:
@@ -248,9 +307,42 @@ def _latest(times: dict[str, float], *, after: float) -> dict[str, float]:
     return kept
 
 
+def _within(times: dict[str, float], latest: float) -> dict[str, float]:
+    if all(at <= latest for at in times.values()):
+        return times
+    return {k: min(at, latest) for k, at in times.items()}
+
+
+def _bounded(state: GateState, now: float) -> GateState:
+    """The state with no time beyond the horizon after ``now`` and no longer duration (a
+    no-op for any state the gate wrote or :meth:`GateState.from_json` read)."""
+    latest = now + HORIZON_SECONDS
+    if (
+        max(state.horizon, state.probe_until, state.window_first_seen) <= latest
+        and max(state.interval or 0.0, state.window_seconds) <= HORIZON_SECONDS
+    ):
+        return state
+    return replace(
+        state,
+        blocked_until=min(state.blocked_until, latest),
+        reset_at=None if state.reset_at is None else min(state.reset_at, latest),
+        next_slot=min(state.next_slot, latest),
+        updated_at=min(state.updated_at, latest),
+        probe_until=min(state.probe_until, latest),
+        window_first_seen=min(state.window_first_seen, latest),
+        tickets=_within(state.tickets, latest),
+        interval=None if state.interval is None else min(state.interval, HORIZON_SECONDS),
+        window_seconds=min(state.window_seconds, HORIZON_SECONDS),
+    )
+
+
 def _expire(state: GateState, now: float) -> GateState:
-    """Forget what no longer matters: stale tickets, and the whole state once long past."""
-    if state.updated_at and now > state.horizon + STATE_TTL_SECONDS:
+    """Forget what no longer matters, measured from ``now``: stale tickets, and the whole
+    state once all its times are long past or it has not been written for long."""
+    state = _bounded(state, now)
+    if state.updated_at and (
+        now > state.horizon + STATE_TTL_SECONDS or now > state.updated_at + MAX_STATE_AGE_SECONDS
+    ):
         return GateState(interval=state.interval, origin=state.origin)
     state = replace(
         state,
@@ -272,21 +364,42 @@ def _expire(state: GateState, now: float) -> GateState:
     return state
 
 
+def _seconds(value: float | None) -> float | None:
+    """A duration from the reader, checked again: the stored state outlives the response."""
+    if value is None or not math.isfinite(value) or value < 0:
+        return None
+    return min(float(value), HORIZON_SECONDS)
+
+
+def _count(value: int | None) -> int | None:
+    if value is None or value < 0:
+        return None
+    return min(int(value), MAX_COUNT)
+
+
 def observe(
     state: GateState,
-    headers: Mapping[str, str],
+    info: RateLimitInfo,
     *,
     now: float,
     rate_limited_until: float | None = None,
     ticket: str | None = None,
 ) -> GateState:
-    """Update the gate from a response; ``rate_limited_until`` is the wait a refused response asked.
+    """Update the gate from what a response said (``info``, from the header reader).
 
-    ``ticket`` is the task whose response this is. ``blocked_until`` only ever moves later:
-    two tasks reporting at once can't shorten a block.
+    ``rate_limited_until`` is the time a refused response asked to wait until (clamped to the
+    horizon); ``ticket`` is the task whose response this is. ``blocked_until`` only ever
+    moves later: two tasks reporting at once can't shorten a block. A response whose quota
+    is spent (``remaining == 0``, whichever header said so, ``RateLimit: r=0;t=30`` too)
+    closes the gate until its reset even when it was a success.
     """
     state = _expire(state, now)
-    quota = read_quota(headers, now)
+    reported_remaining = _count(info.remaining)
+    reset_after = _seconds(info.reset_after)
+    reported_reset = None if reset_after is None else now + reset_after
+    interval = _seconds(info.interval) or None
+    reported_limit = _count(info.limit)
+
     in_flight = dict(state.in_flight)
     sent_at = in_flight.pop(ticket, None) if ticket is not None else None
     # Requests let through after this one was are not in the server's count yet (and when
@@ -294,43 +407,43 @@ def observe(
     unseen = sum(1 for let_through in in_flight.values() if sent_at is None or let_through > sent_at)
     blocked_until = state.blocked_until
     same_window = (
-        quota.reset_at is not None and state.reset_at is not None and abs(quota.reset_at - state.reset_at) <= 1.0
+        reported_reset is not None and state.reset_at is not None and abs(reported_reset - state.reset_at) <= 1.0
     )
-    if quota.remaining is None:
+    if reported_remaining is None:
         remaining = state.remaining
     else:
         # The server's count does not know the send times we have already handed out
         # for this window: those tasks will spend quota too.
-        window_end = quota.reset_at if quota.reset_at is not None else float("inf")
+        window_end = reported_reset if reported_reset is not None else math.inf
         promised = sum(1 for send_at in state.tickets.values() if send_at < window_end)
-        remaining = max(quota.remaining - promised - unseen, 0)
+        remaining = max(reported_remaining - promised - unseen, 0)
         if same_window and state.remaining is not None:
             # Within one window the quota only shrinks.
             remaining = min(state.remaining, remaining)
-    reset_at = quota.reset_at if quota.reset_at is not None else state.reset_at
-    if rate_limited_until is not None:
-        blocked_until = max(blocked_until, min(rate_limited_until, now + MAX_HEADER_WAIT_SECONDS))
-    if quota.remaining == 0 and reset_at is not None and reset_at > now:
+    reset_at = reported_reset if reported_reset is not None else state.reset_at
+    if rate_limited_until is not None and not math.isnan(rate_limited_until):
+        blocked_until = max(blocked_until, min(rate_limited_until, now + HORIZON_SECONDS))
+    if reported_remaining == 0 and reset_at is not None and reset_at > now:
         # The server says the quota is spent: stop before it has to say 429. (Our own,
         # lower count only holds back new tasks in admit(); it must not block the tasks
         # this window's quota was promised to.)
         blocked_until = max(blocked_until, reset_at)
     next_window_taken = state.next_window_taken
-    if quota.reset_at is not None and state.reset_at is not None and not same_window:
+    if reported_reset is not None and state.reset_at is not None and not same_window:
         next_window_taken = 0
     window_first_seen, window_seconds = state.window_first_seen, state.window_seconds
-    if quota.reset_at is not None:
+    if reported_reset is not None:
         if not (same_window and window_first_seen):
             window_first_seen = now
         # The window began no later than its first report: its length is at least this.
-        window_seconds = min(max(window_seconds, quota.reset_at - window_first_seen), float(MAX_HEADER_WAIT_SECONDS))
+        window_seconds = min(max(window_seconds, reported_reset - window_first_seen), HORIZON_SECONDS)
     return replace(
         state,
         blocked_until=blocked_until,
         remaining=remaining,
         reset_at=reset_at,
-        limit=quota.limit if quota.limit is not None else state.limit,
-        interval=quota.interval if quota.interval is not None else state.interval,
+        limit=reported_limit if reported_limit is not None else state.limit,
+        interval=interval if interval is not None else state.interval,
         next_window_taken=next_window_taken,
         updated_at=now,
         observed_at=now,
@@ -344,7 +457,7 @@ def observe(
 def admit(
     state: GateState, ticket: str, *, now: float, in_process_up_to: float = 0.0, min_wait: float = 0.0
 ) -> Admission:
-    """May the task holding ``ticket`` send now? If not, when?
+    """May the task holding ``ticket`` send now? If not, when? Never before ``blocked_until``.
 
     A task is given one send time and keeps it: coming back at that time it sends, unless
     the gate was closed past it meanwhile (a 429 elsewhere), in which case it queues again.
@@ -362,6 +475,16 @@ def admit(
         return max(moment, now + min_wait)
 
     state = _expire(state, now)
+    admission = _admit(state, ticket, now, back_at)
+    latest = now + HORIZON_SECONDS
+    if admission.send_at > latest or admission.state.next_slot > latest:
+        # A place further than the horizon (a long backlog at a slow rate) is not promised
+        # nor stored: the task asks again by then, from where the queue has got to.
+        return _recheck(state, ticket, min(admission.send_at, latest), now)
+    return admission
+
+
+def _admit(state: GateState, ticket: str, now: float, back_at: Callable[[float], float]) -> Admission:
     held = state.tickets.get(ticket)
     if held is not None:
         if held <= now and state.blocked_until <= now:
@@ -395,7 +518,7 @@ def admit(
     if state.reset_at is not None and state.limit:
         slot = back_at(max(start, state.reset_at))
         taken = state.next_window_taken
-        state = replace(state, next_window_taken=taken + 1, updated_at=now)
+        state = replace(state, next_window_taken=min(taken + 1, MAX_COUNT), updated_at=now)
         if taken < state.limit:
             return _at(state, ticket, slot, now, "quota spent, waiting for the window to reset (shared gate)")
         # The next window's quota is handed out too: look again once the window this task

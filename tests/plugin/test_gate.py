@@ -11,29 +11,37 @@ import heapq
 import json
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from network_requests.gate import (
+    DAMAGED_STATE_BLOCK_SECONDS,
+    HORIZON_SECONDS,
+    MAX_COUNT,
+    MAX_STATE_AGE_SECONDS,
     MAX_TICKETS,
     RECHECK_SECONDS,
     STATE_TTL_SECONDS,
     TICKET_TTL_SECONDS,
     GateState,
-    Quota,
     admit,
     for_origin,
     is_open,
     observe,
-    read_quota,
 )
+from network_requests.rate_limit_headers import RateLimitInfo
 
 #: A fixed clock (epoch seconds), a multiple of 10 so fixed windows start on it.
 NOW = 1_700_000_000.0
 ORIGIN = "https://api.example.com:443"
+
+#: A response that said nothing about rate limits.
+SILENT = RateLimitInfo()
+#: GitHub-style: a window of 3 requests, spent, resetting in 60 s.
+WINDOW_OF_3_SPENT = RateLimitInfo(limit=3, remaining=0, reset_after=60, source="X-RateLimit-Reset")
 
 PROPERTY_SETTINGS = settings(
     max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
@@ -50,172 +58,91 @@ def admit_all(state: GateState, tickets: list[str], now: float = NOW) -> tuple[l
     return times, state
 
 
-# -- read_quota ------------------------------------------------------------------------------
-
-
-class TestReadQuota:
-    def test_ratelimit_headers_give_limit_remaining_and_a_delta_reset(self):
-        quota = read_quota({"RateLimit-Limit": "100", "RateLimit-Remaining": "7", "RateLimit-Reset": "30"}, NOW)
-        assert quota == Quota(limit=100, remaining=7, reset_at=NOW + 30, interval=None)
-
-    def test_header_names_are_case_insensitive_and_lists_use_their_first_value(self):
-        quota = read_quota({"ratelimit-remaining": "3, 50", "RATELIMIT-RESET": " 10 "}, NOW)
-        assert (quota.remaining, quota.reset_at) == (3, NOW + 10)
-
-    def test_x_ratelimit_reset_above_the_epoch_threshold_is_an_epoch_time(self):
-        quota = read_quota(
-            {"X-RateLimit-Limit": "60", "X-RateLimit-Remaining": "0", "X-RateLimit-Reset": str(int(NOW) + 42)}, NOW
-        )
-        assert quota == Quota(limit=60, remaining=0, reset_at=NOW + 42, interval=None)
-
-    def test_a_small_x_ratelimit_reset_is_a_delta(self):
-        assert read_quota({"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "30"}, NOW).reset_at == NOW + 30
-
-    def test_a_fractional_epoch_x_ratelimit_reset_is_kept(self):
-        assert read_quota({"X-RateLimit-Reset": f"{int(NOW) + 5}.25"}, NOW).reset_at == NOW + 5.25
-
-    def test_ratelimit_headers_win_over_x_ratelimit_headers(self):
-        quota = read_quota({"RateLimit-Remaining": "4", "X-RateLimit-Remaining": "9"}, NOW)
-        assert quota.remaining == 4
-
-    @pytest.mark.parametrize("policy", ["5;w=5", '"default";q=5;w=5', ' "burst" ; q=5 ; w=5 ', "5;W=5"])
-    def test_ratelimit_policy_gives_seconds_per_request(self, policy):
-        assert read_quota({"RateLimit-Policy": policy}, NOW).interval == 1.0
-
-    def test_with_several_policies_the_slowest_one_wins(self):
-        policy = '"burst";q=10;w=1, "hourly";q=3600;w=3600, "daily";q=100;w=86400'
-        assert read_quota({"RateLimit-Policy": policy}, NOW).interval == pytest.approx(864.0)
-
-    def test_a_policy_alone_gives_only_the_interval(self):
-        assert read_quota({"RateLimit-Policy": "10;w=20"}, NOW) == Quota(interval=2.0)
-
-    def test_no_rate_limit_headers_say_nothing(self):
-        assert read_quota({"Content-Type": "application/json"}, NOW) == Quota()
-
-    @pytest.mark.parametrize(
-        "headers",
-        [
-            {"RateLimit-Remaining": "abc", "RateLimit-Reset": "soon", "RateLimit-Limit": "-1"},
-            {"RateLimit-Remaining": "1.5", "RateLimit-Reset": "-30", "RateLimit-Limit": "1e3"},
-            {"RateLimit-Remaining": "", "RateLimit-Reset": "", "RateLimit-Limit": "٣"},  # Arabic-Indic 3
-            {"X-RateLimit-Remaining": "none", "X-RateLimit-Reset": "Tue, 01 May 2024 12:00:00 GMT"},
-            {"X-RateLimit-Remaining": "-1", "X-RateLimit-Reset": "1e9"},
-            {"X-RateLimit-Remaining": "²", "X-RateLimit-Reset": "-5"},
-        ],
-    )
-    def test_malformed_quota_values_are_ignored(self, headers):
-        quota = read_quota(headers, NOW)
-        assert (quota.limit, quota.remaining, quota.reset_at) == (None, None, None)
-
-    @pytest.mark.parametrize(
-        "policy", ["", "garbage", "0;w=5", "5;w=0", "5;w=abc", "5;w=-5", "q=5", "w=5", "5;w=1.5", "5;w=²", ";;;,,,"]
-    )
-    def test_malformed_or_incomplete_policies_are_ignored(self, policy):
-        assert read_quota({"RateLimit-Policy": policy}, NOW).interval is None
-
-    def test_a_malformed_policy_next_to_a_good_one_leaves_the_good_one(self):
-        assert read_quota({"RateLimit-Policy": "5;w=abc, 2;w=10"}, NOW).interval == 5.0
-    @pytest.mark.parametrize(
-        "policy",
-        ["1;w=1" + "0" * 400, "1;w=" + "9" * 5000, "9" * 5000 + ";w=5"],
-        ids=["float-overflow", "int-digits-limit-window", "int-digits-limit-quota"],
-    )
-    def test_absurdly_large_policy_numbers_do_not_raise(self, policy):
-        # Any server can send these; observe() runs after every response, so a raise here
-        # fails the task after a successful request. Wanted: ignored (or clamped).
-        quota = read_quota({"RateLimit-Policy": policy}, NOW)
-        assert quota.interval is None or math.isfinite(quota.interval)
-
-
 # -- observe ---------------------------------------------------------------------------------
 
 
 class TestObserve:
     def test_a_429s_rate_limited_until_blocks_the_gate(self):
-        state = observe(GateState(), {}, now=NOW, rate_limited_until=NOW + 30)
+        state = observe(GateState(), SILENT, now=NOW, rate_limited_until=NOW + 30)
         assert state.blocked_until == NOW + 30
         assert not is_open(state, NOW + 29.9)
         assert is_open(state, NOW + 30)
 
     @pytest.mark.parametrize("first, second", [(30, 90), (90, 30)])
     def test_blocked_until_never_moves_earlier_whatever_the_order_of_two_observations(self, first, second):
-        state = observe(GateState(), {}, now=NOW, rate_limited_until=NOW + first)
-        state = observe(state, {}, now=NOW + 1, rate_limited_until=NOW + second)
+        state = observe(GateState(), SILENT, now=NOW, rate_limited_until=NOW + first)
+        state = observe(state, SILENT, now=NOW + 1, rate_limited_until=NOW + second)
         assert state.blocked_until == NOW + 90
 
     def test_a_response_without_a_wait_does_not_open_a_blocked_gate(self):
-        state = observe(GateState(), {}, now=NOW, rate_limited_until=NOW + 60)
-        state = observe(state, {"RateLimit-Remaining": "50", "RateLimit-Reset": "1"}, now=NOW + 1)
+        state = observe(GateState(), SILENT, now=NOW, rate_limited_until=NOW + 60)
+        state = observe(state, RateLimitInfo(remaining=50, reset_after=1), now=NOW + 1)
         assert state.blocked_until == NOW + 60
 
     def test_an_absurd_rate_limited_until_is_clamped(self):
-        state = observe(GateState(), {}, now=NOW, rate_limited_until=1e300)
-        assert NOW < state.blocked_until < 1e12
-        assert GateState.from_json(state.to_json()) == state
+        state = observe(GateState(), SILENT, now=NOW, rate_limited_until=1e300)
+        assert state.blocked_until == NOW + HORIZON_SECONDS
+        assert GateState.from_json(state.to_json(), now=NOW) == state
 
     def test_remaining_zero_with_a_reset_closes_the_gate_before_any_429(self):
         # Stop before the 429: a 200 saying the quota is spent is enough.
-        state = observe(GateState(), {"RateLimit-Remaining": "0", "RateLimit-Reset": "20"}, now=NOW)
+        state = observe(GateState(), RateLimitInfo(remaining=0, reset_after=20), now=NOW)
         assert state.blocked_until == NOW + 20
         assert admit(state, "next", now=NOW + 1).send_at == NOW + 20
 
     def test_remaining_zero_with_an_epoch_x_ratelimit_reset_closes_the_gate(self):
-        headers = {"X-RateLimit-Limit": "60", "X-RateLimit-Remaining": "0", "X-RateLimit-Reset": str(int(NOW) + 300)}
-        assert observe(GateState(), headers, now=NOW).blocked_until == NOW + 300
+        info = RateLimitInfo(limit=60, remaining=0, reset_after=300, source="X-RateLimit-Reset")
+        assert observe(GateState(), info, now=NOW).blocked_until == NOW + 300
 
     def test_remaining_zero_with_a_reset_in_the_past_does_not_block(self):
-        headers = {"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": str(int(NOW) - 5)}
-        assert observe(GateState(), headers, now=NOW).blocked_until == 0.0
+        # The reader reports a reset already passed as 0 s from now.
+        info = RateLimitInfo(remaining=0, reset_after=0, source="X-RateLimit-Reset")
+        assert observe(GateState(), info, now=NOW).blocked_until == 0.0
 
     def test_remaining_above_zero_does_not_block(self):
-        state = observe(GateState(), {"RateLimit-Remaining": "1", "RateLimit-Reset": "20"}, now=NOW)
+        state = observe(GateState(), RateLimitInfo(remaining=1, reset_after=20), now=NOW)
         assert state.blocked_until == 0.0
         assert state.remaining == 1
 
     def test_the_servers_remaining_is_reduced_by_send_times_already_promised_for_that_window(self):
         promised = GateState(tickets={"a": NOW + 5, "b": NOW + 6, "after-the-window": NOW + 100})
-        state = observe(promised, {"RateLimit-Remaining": "5", "RateLimit-Reset": "60"}, now=NOW)
+        state = observe(promised, RateLimitInfo(remaining=5, reset_after=60), now=NOW)
         assert state.remaining == 3  # a and b will spend two of the five
 
     def test_promised_times_count_against_remaining_when_no_reset_is_known(self):
         promised = GateState(tickets={"a": NOW + 5, "b": NOW + 500})
-        assert observe(promised, {"RateLimit-Remaining": "5"}, now=NOW).remaining == 3
+        assert observe(promised, RateLimitInfo(remaining=5), now=NOW).remaining == 3
 
     def test_within_one_window_remaining_only_shrinks(self):
         state = GateState(remaining=2, reset_at=NOW + 60, updated_at=NOW - 1)
         # A late response counted before two of our requests: the larger number is stale.
-        late = observe(state, {"RateLimit-Remaining": "7", "RateLimit-Reset": "60"}, now=NOW)
+        late = observe(state, RateLimitInfo(remaining=7, reset_after=60), now=NOW)
         assert late.remaining == 2
-        fewer = observe(state, {"RateLimit-Remaining": "1", "RateLimit-Reset": "60"}, now=NOW)
+        fewer = observe(state, RateLimitInfo(remaining=1, reset_after=60), now=NOW)
         assert fewer.remaining == 1
 
     def test_a_new_window_takes_the_servers_remaining(self):
         state = GateState(remaining=2, reset_at=NOW + 60, updated_at=NOW - 1)
-        fresh = observe(state, {"RateLimit-Remaining": "7", "RateLimit-Reset": "120"}, now=NOW)
+        fresh = observe(state, RateLimitInfo(remaining=7, reset_after=120), now=NOW)
         assert (fresh.remaining, fresh.reset_at) == (7, NOW + 120)
 
     def test_observe_remembers_limit_and_policy_and_keeps_them_when_a_response_omits_them(self):
-        headers = {
-            "RateLimit-Limit": "10",
-            "RateLimit-Remaining": "9",
-            "RateLimit-Reset": "60",
-            "RateLimit-Policy": "10;w=20",
-        }
-        state = observe(GateState(), headers, now=NOW)
-        state = observe(state, {"Content-Type": "text/plain"}, now=NOW + 1)
+        info = RateLimitInfo(limit=10, remaining=9, reset_after=60, window=20, interval=2.0)
+        state = observe(GateState(), info, now=NOW)
+        state = observe(state, SILENT, now=NOW + 1)
         assert (state.limit, state.remaining, state.interval, state.updated_at) == (10, 9, 2.0, NOW + 1)
     def test_a_quota_without_a_reset_time_is_not_forgotten_a_second_later(self):
         # "Untouched for STATE_TTL_SECONDS after its last time": GateState.horizon ignores
         # updated_at, so a state holding no time at all (a remaining count without a reset)
         # is already expired at the next call.
-        state = observe(GateState(), {"RateLimit-Limit": "10", "RateLimit-Remaining": "2"}, now=NOW)
+        state = observe(GateState(), RateLimitInfo(limit=10, remaining=2), now=NOW)
         assert state.remaining == 2
         _, state = admit_all(state, ["a", "b"], now=NOW + 1)
         assert state.remaining == 0
 
     def test_observe_does_not_touch_tickets(self):
         state = GateState(tickets={"a": NOW + 5})
-        assert observe(state, {"RateLimit-Remaining": "3"}, now=NOW).tickets == {"a": NOW + 5}
+        assert observe(state, RateLimitInfo(remaining=3), now=NOW).tickets == {"a": NOW + 5}
     def test_a_remaining_count_spent_only_by_promised_times_does_not_reblock_their_holders(self):
         # Window mode: three tasks hold the reset time R of a window of 3. The first to come
         # back sends; the server says 2 left, exactly the two still promised.
@@ -224,12 +151,7 @@ class TestObserve:
         times, state = admit_all(state, ["a", "b", "c"])
         assert times == [r, r, r]
         state = admit(state, "a", now=r + 0.1).state
-        next_reset = str(int(r) + 10)
-        state = observe(
-            state,
-            {"X-RateLimit-Limit": "3", "X-RateLimit-Remaining": "2", "X-RateLimit-Reset": next_reset},
-            now=r + 0.1,
-        )
+        state = observe(state, RateLimitInfo(limit=3, remaining=2, reset_after=9.9), now=r + 0.1)
         # b and c were promised this window's quota: they must still be let through.
         assert admit(state, "b", now=r + 0.2).send_at == r + 0.2
 
@@ -262,8 +184,8 @@ class TestAdmit:
         assert state.remaining == 0
 
     def test_with_pacing_successive_tasks_are_spaced_by_the_interval_once_the_quota_is_spent(self):
-        headers = {"RateLimit-Remaining": "0", "RateLimit-Reset": "10", "RateLimit-Policy": "5;w=10"}
-        state = observe(GateState(), headers, now=NOW)
+        info = RateLimitInfo(remaining=0, reset_after=10, limit=5, window=10, interval=2.0)
+        state = observe(GateState(), info, now=NOW)
         times, state = admit_all(state, ["a", "b", "c", "d"])
         assert times == [NOW + 10, NOW + 12, NOW + 14, NOW + 16]
         assert state.next_slot == NOW + 18
@@ -283,8 +205,7 @@ class TestAdmit:
         assert times == [NOW + 10, NOW + 10, NOW + 11, NOW + 12]
 
     def test_fixed_window_mode_hands_out_at_most_limit_times_at_the_reset_and_sends_the_rest_later(self):
-        headers = {"X-RateLimit-Limit": "3", "X-RateLimit-Remaining": "0", "X-RateLimit-Reset": str(int(NOW) + 60)}
-        state = observe(GateState(), headers, now=NOW)
+        state = observe(GateState(), WINDOW_OF_3_SPENT, now=NOW)
         times, state = admit_all(state, ["a", "b", "c", "d", "e"])
         assert times[:3] == [NOW + 60] * 3
         assert all(t > NOW + 60 for t in times[3:])
@@ -299,8 +220,7 @@ class TestAdmit:
         # A window of 3, first reported at NOW and ending at NOW + 60 (so at least 60 s long):
         # 3 tasks hold the reset time, the next 3 look again once the window after can have
         # opened, the 3 after those a window later. No task comes back before its window.
-        headers = {"X-RateLimit-Limit": "3", "X-RateLimit-Remaining": "0", "X-RateLimit-Reset": str(int(NOW) + 60)}
-        state = observe(GateState(), headers, now=NOW)
+        state = observe(GateState(), WINDOW_OF_3_SPENT, now=NOW)
         times, state = admit_all(state, list("abcdefghi"))
         assert times == [NOW + 60] * 3 + [NOW + 121] * 3 + [NOW + 181] * 3
         assert set(state.tickets) == {"a", "b", "c"}
@@ -333,9 +253,7 @@ class TestAdmit:
         assert "a" not in admission.state.tickets
 
     def test_a_ticket_holder_coming_back_early_gets_the_same_time_again_without_a_second_reservation(self):
-        state = observe(
-            GateState(), {"RateLimit-Remaining": "0", "RateLimit-Reset": "10", "RateLimit-Policy": "1;w=1"}, now=NOW
-        )
+        state = observe(GateState(), RateLimitInfo(remaining=0, reset_after=10, limit=1, window=1, interval=1.0), now=NOW)
         _, state = admit_all(state, ["a", "b"])  # a at +10, b at +11
         again = admit(state, "b", now=NOW + 5)
         assert again.send_at == NOW + 11
@@ -350,7 +268,7 @@ class TestAdmit:
 
     def test_a_ticket_holder_queues_again_from_blocked_until_if_the_gate_was_closed_past_its_time(self):
         state = admit(GateState(blocked_until=NOW + 10), "a", now=NOW).state
-        state = observe(state, {}, now=NOW + 5, rate_limited_until=NOW + 50)  # a 429 elsewhere
+        state = observe(state, SILENT, now=NOW + 5, rate_limited_until=NOW + 50)  # a 429 elsewhere
         admission = admit(state, "a", now=NOW + 10)
         assert admission.send_at == NOW + 50
         assert admission.state.tickets == {"a": NOW + 50}
@@ -358,7 +276,7 @@ class TestAdmit:
     def test_a_ticket_holder_requeued_with_pacing_goes_to_the_first_free_slot_after_the_block(self):
         state = GateState(remaining=0, interval=1.0, blocked_until=NOW + 10, updated_at=NOW)
         _, state = admit_all(state, ["a", "b"])  # +10, +11
-        state = observe(state, {}, now=NOW + 5, rate_limited_until=NOW + 10.5)
+        state = observe(state, SILENT, now=NOW + 5, rate_limited_until=NOW + 10.5)
         again = admit(state, "a", now=NOW + 10)
         assert again.send_at == NOW + 12  # b keeps +11; a gets the next free slot
         assert again.state.tickets == {"a": NOW + 12, "b": NOW + 11}
@@ -443,29 +361,193 @@ class TestOriginAndJson:
             updated_at=NOW,
             origin=ORIGIN,
         )
-        assert GateState.from_json(state.to_json()) == state
+        assert GateState.from_json(state.to_json(), now=NOW) == state
         assert json.loads(state.to_json())["origin"] == ORIGIN
 
+    @pytest.mark.parametrize("raw", [None, "", b""])
+    def test_nothing_stored_is_a_fresh_gate(self, raw):
+        state = GateState.from_json(raw, now=NOW)
+        assert state == GateState()
+        assert state.damaged is None
+
+    def test_a_state_stored_before_a_field_existed_reads_with_its_default(self):
+        old = {"blocked_until": NOW + 5, "remaining": 0, "updated_at": NOW, "origin": ORIGIN}
+        state = GateState.from_json(json.dumps(old), now=NOW)
+        assert (state.blocked_until, state.in_flight, state.damaged) == (NOW + 5, {}, None)
+
+    def test_damaged_is_neither_stored_nor_compared(self):
+        damaged = GateState.from_json("not json", now=NOW)
+        assert "damaged" not in json.loads(damaged.to_json())
+        assert GateState.from_json(damaged.to_json(), now=NOW) == damaged
+
+
+# -- a bounded gate that fails safe (issue 10) --------------------------------------------------
+
+#: 2023-11-14T22:13:20Z in epoch *milliseconds*, as several public APIs send X-RateLimit-Reset.
+EPOCH_MILLISECONDS = 1_700_000_000_000
+#: What blocked_until became from that header before the fix: the year 58,887.
+YEAR_58887 = float(EPOCH_MILLISECONDS)
+
+
+class TestBounded:
+    def test_a_millisecond_reset_rejected_by_the_reader_does_not_block_the_gate(self):
+        # The finding: a 200 with X-RateLimit-Remaining: 0 and a reset in epoch milliseconds
+        # moved blocked_until to the year 58,887. The reader rejects such a reset; the gate
+        # is told only that the quota is spent, with no reset time.
+        info = RateLimitInfo(
+            remaining=0, limit=60, rejected=(f"X-RateLimit-Reset: {EPOCH_MILLISECONDS} is beyond 7 days",)
+        )
+        state = observe(GateState(), info, now=NOW)
+
+        assert state.blocked_until == 0.0
+        assert state.to_json()  # and it serialises: nothing overflowed
+        later = admit(state, "next", now=NOW + 1)
+        assert NOW + 1 <= later.send_at <= NOW + 1 + HORIZON_SECONDS
+
+    def test_a_reset_beyond_the_horizon_is_clamped_even_if_a_reader_let_it_through(self):
+        state = observe(GateState(), RateLimitInfo(remaining=0, reset_after=YEAR_58887), now=NOW)
+        assert state.blocked_until == state.reset_at == NOW + HORIZON_SECONDS
+
+    @pytest.mark.parametrize("until", [math.inf, 1e300, YEAR_58887])
+    def test_a_far_rate_limited_until_blocks_no_further_than_the_horizon(self, until):
+        state = observe(GateState(), SILENT, now=NOW, rate_limited_until=until)
+        assert state.blocked_until == NOW + HORIZON_SECONDS
+
+    def test_a_nan_rate_limited_until_changes_no_block(self):
+        blocked = GateState(blocked_until=NOW + 30, updated_at=NOW)
+        assert observe(blocked, SILENT, now=NOW, rate_limited_until=math.nan).blocked_until == NOW + 30
+
+    def test_counts_and_durations_from_a_response_are_capped(self):
+        huge = RateLimitInfo(remaining=10**30, limit=10**30, interval=1e30, reset_after=60)
+        state = observe(GateState(), huge, now=NOW)
+        assert (state.remaining, state.limit, state.interval) == (MAX_COUNT, MAX_COUNT, HORIZON_SECONDS)
+
+    def test_a_backlog_beyond_the_horizon_is_told_to_ask_again_then_not_promised_a_time(self):
+        # 100 requests a day, spent: the 800th task's paced slot is 8 days away.
+        state = GateState(remaining=0, interval=864.0, next_slot=NOW, observed_at=NOW, updated_at=NOW)
+        times, state = admit_all(state, [f"t{i}" for i in range(800)])
+        assert max(times) == NOW + HORIZON_SECONDS
+        assert max(state.tickets.values()) <= NOW + HORIZON_SECONDS
+        assert state.next_slot <= NOW + HORIZON_SECONDS
+        # t0 sends at once; t1..t699 hold a slot whose next one still falls within the
+        # horizon (t700's would be at the horizon, its successor's beyond); the rest hold none.
+        assert sorted(state.tickets.values()) == [NOW + 864 * k for k in range(1, 700)]
+        assert times[700:] == [NOW + HORIZON_SECONDS] * 100
+
+    def test_a_state_built_with_times_beyond_the_horizon_is_bounded_by_any_transition(self):
+        far = GateState(blocked_until=YEAR_58887, next_slot=YEAR_58887, tickets={"a": YEAR_58887}, updated_at=NOW)
+        admission = admit(far, "b", now=NOW)
+        assert admission.send_at == NOW + HORIZON_SECONDS
+        assert admission.state.horizon <= NOW + HORIZON_SECONDS
+        assert observe(far, SILENT, now=NOW).horizon <= NOW + HORIZON_SECONDS
+
+
+class TestExpiryRelativeToNow:
+    def test_a_state_whose_times_are_all_long_past_is_forgotten(self):
+        old = GateState(blocked_until=NOW, remaining=0, limit=5, updated_at=NOW - 20, origin=ORIGIN)
+        assert admit(old, "a", now=NOW + STATE_TTL_SECONDS).state.limit == 5
+        assert admit(old, "a", now=NOW + STATE_TTL_SECONDS + 1).state.limit is None
+
+    def test_even_the_longest_block_is_forgotten_a_ttl_after_it_ends(self):
+        blocked = observe(GateState(origin=ORIGIN), SILENT, now=NOW, rate_limited_until=YEAR_58887)
+        end = NOW + HORIZON_SECONDS
+        assert admit(blocked, "a", now=end - 1).send_at == end
+        after = admit(blocked, "a", now=end + STATE_TTL_SECONDS + 1)
+        assert after.state.blocked_until == 0.0
+        assert after.send_at == end + STATE_TTL_SECONDS + 1  # first contact again: a probe
+
+    def test_a_state_not_written_for_longer_than_the_horizon_is_forgotten_whatever_it_holds(self):
+        # Not something the gate writes (its times stay within the horizon of the write);
+        # a hand-edited Variable, for example.
+        stale = GateState(blocked_until=NOW + 2 * HORIZON_SECONDS, updated_at=NOW - MAX_STATE_AGE_SECONDS - 1)
+        assert admit(stale, "a", now=NOW).send_at == NOW
+
+    def test_a_stored_far_future_block_read_later_does_not_live_on(self):
+        # Expiry used to be measured from the latest stored time, so a year-58,887 block
+        # never expired. Read against now, that time is damage: a short block, then gone.
+        raw = json.dumps({"blocked_until": YEAR_58887, "updated_at": NOW, "origin": ORIGIN})
+        state = GateState.from_json(raw, now=NOW)
+        assert state.blocked_until == NOW + DAMAGED_STATE_BLOCK_SECONDS
+        assert "blocked_until" in state.damaged
+
+
+class TestFailSafe:
     @pytest.mark.parametrize(
         "raw",
         [
-            None,
-            "",
             "not json",
+            "{",
             "[]",
             "null",
             "42",
+            '"text"',
+            "[" * 100_000,  # deeper than the JSON parser's recursion limit
+            b"\xff\xfe",
             '{"tickets": [1, 2]}',
             '{"tickets": {"a": "soon"}}',
             '{"remaining": "many"}',
+            '{"remaining": -1}',
+            '{"remaining": 1.5}',
+            '{"remaining": true}',
             '{"blocked_until": {}}',
+            '{"blocked_until": -5}',
+            '{"origin": 7}',
+            '{"interval": 1e300}',
+            '{"remaining": 1e999}',
+            '{"next_window_taken": Infinity}',
+            '{"blocked_until": NaN}',
+            '{"limit": ' + "9" * 4000 + "}",
         ],
     )
-    def test_an_unreadable_stored_state_is_a_fresh_gate(self, raw):
-        assert GateState.from_json(raw) == GateState()
-    @pytest.mark.parametrize("raw", ['{"remaining": 1e999}', '{"next_window_taken": Infinity}'])
-    def test_an_overflowing_stored_state_is_a_fresh_gate(self, raw):
-        assert GateState.from_json(raw) == GateState()
+    def test_an_unreadable_stored_state_is_a_short_conservative_block_not_an_open_gate(self, raw):
+        state = GateState.from_json(raw, now=NOW)
+
+        assert state.damaged
+        assert state.blocked_until == NOW + DAMAGED_STATE_BLOCK_SECONDS
+        assert not is_open(state, NOW)
+        assert admit(state, "a", now=NOW).send_at == NOW + DAMAGED_STATE_BLOCK_SECONDS
+
+    def test_one_bad_field_keeps_a_valid_longer_block(self):
+        # The finding: one bad field discarded the whole state, its block included, and the
+        # next task went out as a probe.
+        raw = json.dumps({"blocked_until": NOW + 600, "remaining": "many", "updated_at": NOW - 1, "origin": ORIGIN})
+        state = GateState.from_json(raw, now=NOW)
+
+        assert state.damaged == "remaining: 'many' is not a number"
+        assert (state.blocked_until, state.origin) == (NOW + 600, ORIGIN)
+        assert admit(for_origin(state, ORIGIN), "a", now=NOW).send_at == NOW + 600
+
+    def test_a_valid_block_shorter_than_the_conservative_one_is_lengthened(self):
+        raw = json.dumps({"blocked_until": NOW + 5, "tickets": {"a": "soon"}})
+        assert GateState.from_json(raw, now=NOW).blocked_until == NOW + DAMAGED_STATE_BLOCK_SECONDS
+
+    def test_after_the_conservative_block_one_request_goes_first_to_learn_the_limits(self):
+        state = GateState.from_json('{"remaining": "many"}', now=NOW)
+        after = NOW + DAMAGED_STATE_BLOCK_SECONDS
+        first = admit(state, "a", now=after)
+        second = admit(first.state, "b", now=after)
+        assert first.send_at == after
+        assert second.send_at > after, "b waits for what a learns"
+
+    def test_the_block_of_a_damaged_state_holds_for_its_connection_when_its_origin_is_unreadable(self):
+        state = GateState.from_json('{"origin": 7, "blocked_until": %s}' % (NOW + 90), now=NOW)
+        assert state.origin == ""
+        assert for_origin(state, ORIGIN).blocked_until == NOW + 90
+
+    def test_a_damaged_state_about_another_api_does_not_hold_this_one(self):
+        raw = json.dumps({"origin": "https://other.example.com:443", "remaining": "many"})
+        assert for_origin(GateState.from_json(raw, now=NOW), ORIGIN) == GateState(origin=ORIGIN)
+
+    def test_a_stored_time_a_little_beyond_the_horizon_is_another_hosts_clock_and_is_read(self):
+        raw = json.dumps({"blocked_until": NOW + HORIZON_SECONDS + 60, "updated_at": NOW})
+        state = GateState.from_json(raw, now=NOW)
+        assert (state.blocked_until, state.damaged) == (NOW + HORIZON_SECONDS, None)
+
+    def test_more_tickets_than_the_cap_are_read_keeping_the_latest(self):
+        tickets = {f"t{i}": NOW + i for i in range(MAX_TICKETS + 3)}
+        state = GateState.from_json(json.dumps({"tickets": tickets, "updated_at": NOW}), now=NOW)
+        assert state.damaged is None
+        assert len(state.tickets) == MAX_TICKETS and f"t{MAX_TICKETS + 2}" in state.tickets
 
 
 # -- simulations -----------------------------------------------------------------------------
@@ -482,19 +564,21 @@ EPS = 1e-9
 @dataclass
 class Response:
     status: int
-    headers: dict[str, str]
+    #: What the header reader makes of the response's headers.
+    info: RateLimitInfo
     retry_after: float | None
     #: The time before which this response asked for no request (None: it asked nothing).
     announced: float | None
 
 
 class TokenBucketServer:
-    """R tokens a second, burst B; ``RateLimit-*`` headers, 429 + ``Retry-After`` when empty."""
+    """R tokens a second, burst B; ``RateLimit-*`` headers with a policy (``B;w=B/R``), 429 +
+    ``Retry-After`` when empty."""
 
     def __init__(self, rate: float = 1.0, burst: int = 5, start: float = NOW) -> None:
         self.rate, self.burst = rate, burst
         self.tokens, self.last = float(burst), start
-        self.policy = f"{burst};w={round(burst / rate)}"
+        self.window = round(burst / rate)
 
     def handle(self, t: float) -> Response:
         self.tokens = min(self.burst, self.tokens + (t - self.last) * self.rate)
@@ -504,19 +588,20 @@ class TokenBucketServer:
             remaining = math.floor(self.tokens + EPS)
             # Seconds until the next whole token (delta-seconds, rounded up).
             reset = max(1, math.ceil((remaining + 1 - self.tokens) / self.rate - EPS))
-            headers = self._headers(remaining, reset)
-            return Response(200, headers, None, t + reset if remaining == 0 else None)
+            return Response(200, self._info(remaining, reset), None, t + reset if remaining == 0 else None)
         retry_after = max(1, math.ceil((1 - self.tokens) / self.rate - EPS))
-        headers = {**self._headers(0, retry_after), "Retry-After": str(retry_after)}
-        return Response(429, headers, retry_after, t + retry_after)
+        info = replace(self._info(0, retry_after), retry_after=retry_after, source="Retry-After")
+        return Response(429, info, retry_after, t + retry_after)
 
-    def _headers(self, remaining: int, reset: int) -> dict[str, str]:
-        return {
-            "RateLimit-Limit": str(self.burst),
-            "RateLimit-Remaining": str(remaining),
-            "RateLimit-Reset": str(reset),
-            "RateLimit-Policy": self.policy,
-        }
+    def _info(self, remaining: int, reset: int) -> RateLimitInfo:
+        return RateLimitInfo(
+            limit=self.burst,
+            remaining=remaining,
+            reset_after=reset,
+            window=self.window,
+            interval=self.window / self.burst,
+            source="RateLimit-Reset",
+        )
 
 
 class FixedWindowServer:
@@ -532,15 +617,14 @@ class FixedWindowServer:
         if index != self.current:
             self.current, self.count = index, 0
         end = (index + 1) * self.window
-        headers = {"X-RateLimit-Limit": str(self.limit), "X-RateLimit-Reset": str(int(end))}
+        # An epoch reset, read against the response's time: seconds from now.
+        info = RateLimitInfo(limit=self.limit, reset_after=end - t, source="X-RateLimit-Reset")
         if self.count < self.limit:
             self.count += 1
             remaining = self.limit - self.count
-            headers["X-RateLimit-Remaining"] = str(remaining)
-            return Response(200, headers, None, float(end) if remaining == 0 else None)
+            return Response(200, replace(info, remaining=remaining), None, float(end) if remaining == 0 else None)
         retry_after = max(1, math.ceil(end - t - EPS))
-        headers.update({"X-RateLimit-Remaining": "0", "Retry-After": str(retry_after)})
-        return Response(429, headers, retry_after, t + retry_after)
+        return Response(429, replace(info, remaining=0, retry_after=retry_after), retry_after, t + retry_after)
 
 
 @dataclass
@@ -604,7 +688,7 @@ def simulate(
     def deliver(at: float, task: str, response: Response) -> None:
         nonlocal state, announced
         until = None if response.retry_after is None else at + response.retry_after
-        state = observe(state, response.headers, now=at, rate_limited_until=until, ticket=task)
+        state = observe(state, response.info, now=at, rate_limited_until=until, ticket=task)
         if response.announced is not None:
             announced = max(announced, response.announced)
         if response.status == 429:
@@ -728,41 +812,56 @@ class TestSimulatedApis:
 
 # -- properties ------------------------------------------------------------------------------
 
-_DIGITS = st.integers(min_value=0, max_value=10**12).map(str)
-_EPOCH = st.floats(min_value=NOW - 1000, max_value=NOW + 10**6, allow_nan=False).map(lambda v: str(int(v)))
-_POLICY = st.builds(
-    lambda q, w, name: (f'"{name}";' if name else "") + f"q={q};w={w}",
-    st.integers(0, 10**6),
-    st.integers(0, 10**6),
-    st.sampled_from(["", "default", "burst"]),
+#: What the header reader can return: every time validated, 0 to the horizon.
+_SECONDS = st.one_of(
+    st.floats(min_value=0, max_value=120, allow_nan=False),
+    st.sampled_from([0.0, 1.0, 30.0, 3600.0, float(HORIZON_SECONDS)]),
 )
-_VALUE = st.one_of(_DIGITS, _EPOCH, _POLICY, st.text(max_size=20), st.sampled_from(["0", "1", " 5 ", "-1", "1.5"]))
-_NAME = st.sampled_from(
-    [
-        "RateLimit-Limit",
-        "RateLimit-Remaining",
-        "RateLimit-Reset",
-        "RateLimit-Policy",
-        "X-RateLimit-Limit",
-        "X-RateLimit-Remaining",
-        "X-RateLimit-Reset",
-        "ratelimit-remaining",
-        "x-ratelimit-reset",
-        "Retry-After",
-    ]
+_COUNT = st.one_of(st.integers(0, 12), st.integers(0, 10**12))
+_INFO = st.builds(
+    RateLimitInfo,
+    retry_after=st.none() | _SECONDS,
+    reset_after=st.none() | _SECONDS,
+    remaining=st.none() | _COUNT,
+    limit=st.none() | _COUNT,
+    window=st.none() | _SECONDS,
+    interval=st.none() | st.floats(min_value=0.001, max_value=HORIZON_SECONDS, allow_nan=False),
 )
-_HEADERS = st.dictionaries(_NAME, _VALUE, max_size=6)
 _STEP = st.one_of(
     st.floats(min_value=0, max_value=30, allow_nan=False),
     st.sampled_from([0.0, 1.0, STATE_TTL_SECONDS + 1, TICKET_TTL_SECONDS + 1]),
 )
+_TICKET = st.sampled_from(["a", "b", "c", "d", "e", "f"])
 _OBSERVE = st.tuples(
     st.just("observe"),
     _STEP,
-    _HEADERS,
+    st.tuples(_INFO, st.none() | _TICKET),
     st.one_of(st.none(), st.floats(min_value=-60, max_value=10**7, allow_nan=False)),
 )
-_ADMIT = st.tuples(st.just("admit"), _STEP, st.sampled_from(["a", "b", "c", "d", "e", "f"]), st.none())
+#: (ticket, in_process_up_to, min_wait): how long the task can wait where it is, and the
+#: least it waits otherwise (a deferral's minimum delay).
+_ADMIT = st.tuples(
+    st.just("admit"),
+    _STEP,
+    st.tuples(_TICKET, st.sampled_from([0.0, 1.0, 60.0]), st.sampled_from([0.0, 1.0, 2.0])),
+    st.none(),
+)
+
+
+def assert_bounded(state: GateState, now: float) -> None:
+    """Every time finite, from 0 to the horizon after ``now``; every count within its cap."""
+    latest = now + HORIZON_SECONDS
+    times = [
+        state.blocked_until, state.next_slot, state.updated_at, state.observed_at, state.probe_until,
+        state.window_first_seen, *(t for t in [state.reset_at] if t is not None),
+        *state.tickets.values(), *state.in_flight.values(),
+    ]
+    assert all(math.isfinite(t) and 0 <= t <= latest for t in times), state
+    for count in (state.remaining, state.limit, state.next_window_taken):
+        assert count is None or (isinstance(count, int) and 0 <= count <= MAX_COUNT), state
+    for seconds in (state.interval, state.window_seconds):
+        assert seconds is None or 0 <= seconds <= HORIZON_SECONDS, state
+    assert len(state.tickets) <= MAX_TICKETS + 1 and len(state.in_flight) <= MAX_TICKETS + 1
 
 
 @PROPERTY_SETTINGS
@@ -774,62 +873,78 @@ def test_any_sequence_of_observations_and_admissions_keeps_the_gates_invariants(
         now += step
         before = state
         if kind == "observe":
+            info, ticket = payload
             until = None if wait is None else now + wait
-            state = observe(state, payload, now=now, rate_limited_until=until)
+            state = observe(state, info, now=now, rate_limited_until=until, ticket=ticket)
             if until is not None and until > now:
-                assert state.blocked_until >= min(until, now + 10 * 365 * 24 * 3600) - 1e-6
+                assert state.blocked_until >= min(until, now + HORIZON_SECONDS) - 1e-6
         else:
-            admission = admit(state, payload, now=now)
+            ticket, in_process_up_to, min_wait = payload
+            admission = admit(state, ticket, now=now, in_process_up_to=in_process_up_to, min_wait=min_wait)
             state = admission.state
+            # Never a send time before blocked_until, whether before or after the change.
             assert admission.send_at >= now
             assert admission.send_at >= before.blocked_until or before.blocked_until <= now
             assert admission.send_at >= state.blocked_until or state.blocked_until <= now
+            assert admission.send_at <= now + HORIZON_SECONDS
             assert (admission.reason is None) == (admission.send_at == now)
             if admission.send_at > now and admission.reason != "quota spent; checking the shared gate again":
-                assert state.tickets[payload] == admission.send_at
+                assert state.tickets[ticket] == admission.send_at
         # blocked_until only moves later, unless the whole state expired (long past it).
         expired = before.updated_at and now > before.horizon + STATE_TTL_SECONDS
         assert state.blocked_until >= before.blocked_until or expired
         # And however it changes, no task may send earlier than before.
         assert max(state.blocked_until, now) >= max(before.blocked_until, now)
         assert state.origin == ORIGIN
-        assert all(math.isfinite(t) for t in (state.blocked_until, state.next_slot, *state.tickets.values()))
-        assert state.remaining is None or state.remaining >= 0
-        assert GateState.from_json(state.to_json()) == state
+        assert_bounded(state, now)
+        # What is stored reads back the same, now and as long as it still matters.
+        assert GateState.from_json(state.to_json(), now=now) == state
+        assert GateState.from_json(state.to_json(), now=now + 1).damaged is None
 
 
-@PROPERTY_SETTINGS
-@given(headers=st.dictionaries(st.one_of(_NAME, st.text(max_size=10)), st.one_of(_VALUE, st.text()), max_size=8))
-def test_read_quota_never_raises_and_gives_only_sane_numbers(headers):
-    quota = read_quota(headers, NOW)
-    assert quota.remaining is None or quota.remaining >= 0
-    assert quota.limit is None or quota.limit >= 0
-    assert quota.reset_at is None or quota.reset_at >= NOW or "x-ratelimit-reset" in {k.lower() for k in headers}
-    assert quota.interval is None or (quota.interval > 0 and math.isfinite(quota.interval))
+_FIELD_VALUE = (
+    st.integers()
+    | st.integers(min_value=-(10**400), max_value=10**400)
+    | st.floats()  # NaN and ±Infinity too: json.dumps writes them, json.loads reads them
+    | st.sampled_from([YEAR_58887, 1e300, NOW + HORIZON_SECONDS + 1e6, -1.0, NOW + 30])
+    | st.text(max_size=5)
+    | st.none()
+    | st.booleans()
+    | st.lists(st.integers(), max_size=2)
+    | st.dictionaries(st.text(max_size=3), st.integers() | st.floats() | st.text(max_size=3), max_size=2)
+)
 
 
 @PROPERTY_SETTINGS
 @given(
     raw=st.one_of(
         st.text(max_size=200),
+        st.binary(max_size=50),
         st.builds(
             json.dumps,
             st.dictionaries(
                 st.sampled_from(list(GateState.__dataclass_fields__)) | st.text(max_size=10),
-                st.integers()
-                | st.floats(allow_infinity=False)
-                | st.text(max_size=5)
-                | st.none()
-                | st.booleans()
-                | st.lists(st.integers(), max_size=2)
-                | st.dictionaries(st.text(max_size=3), st.integers() | st.text(max_size=3), max_size=2),
+                _FIELD_VALUE,
                 max_size=6,
             ),
         ),
-    )
+        st.builds(json.dumps, _FIELD_VALUE),
+    ),
+    later=st.sampled_from([0.0, 1.0, STATE_TTL_SECONDS, HORIZON_SECONDS]),
 )
-def test_from_json_never_raises_on_finite_json(raw):
-    assert isinstance(GateState.from_json(raw), GateState)
+def test_from_json_never_raises_and_reads_only_bounded_times(raw, later):
+    now = NOW + later
+    state = GateState.from_json(raw, now=now)
+
+    assert isinstance(state, GateState)
+    assert_bounded(state, now)
+    if state.damaged is not None:
+        assert state.blocked_until >= now + DAMAGED_STATE_BLOCK_SECONDS
+        assert not is_open(state, now)
+    # Whatever was read, the gate works on it and stores it readably.
+    admission = admit(state, "a", now=now)
+    assert admission.send_at >= max(now, state.blocked_until)
+    assert GateState.from_json(admission.state.to_json(), now=now).damaged is None
 
 
 def test_on_first_contact_one_request_goes_ahead_and_the_others_wait_for_what_it_learns():
@@ -840,7 +955,7 @@ def test_on_first_contact_one_request_goes_ahead_and_the_others_wait_for_what_it
     assert second.send_at > NOW, "b must not send before a's answer is known"
     assert second.send_at <= NOW + RECHECK_SECONDS
 
-    learned = observe(second.state, {"RateLimit-Remaining": "4", "RateLimit-Reset": "1"}, now=NOW + 0.1)
+    learned = observe(second.state, RateLimitInfo(remaining=4, reset_after=1), now=NOW + 0.1)
     assert admit(learned, "b", now=NOW + 0.2).send_at == NOW + 0.2
 
 
@@ -853,7 +968,7 @@ def test_a_probe_that_never_reports_stops_holding_the_others_after_its_timeout()
 
 
 def test_an_api_without_rate_limit_headers_is_not_serialised_after_the_first_answer():
-    known = observe(admit(GateState(), "a", now=NOW).state, {"Content-Type": "application/json"}, now=NOW + 0.1)
+    known = observe(admit(GateState(), "a", now=NOW).state, SILENT, now=NOW + 0.1)
 
     times, _ = admit_all(known, ["b", "c", "d"], now=NOW + 0.2)
 
@@ -871,30 +986,30 @@ def test_a_probe_that_got_no_answer_is_released_for_the_next_task():
 # A response's RateLimit-Remaining counts the requests the server had seen when it answered,
 # not those the gate let out after this one: found by the benchmark, where a trigger let out
 # right after another got the last token's 429 while the first one's answer was on its way.
-PACED = {"RateLimit-Policy": "5;w=5", "RateLimit-Reset": "1"}
+PACED = {"limit": 5, "window": 5, "interval": 1.0, "reset_after": 1}
 
 
 def test_requests_let_out_after_a_response_was_sent_still_count_against_its_remaining():
-    known = observe(GateState(), {**PACED, "RateLimit-Remaining": "2"}, now=NOW)
+    known = observe(GateState(), RateLimitInfo(**PACED, remaining=2), now=NOW)
     # Past the reset the server knows: what the next answer says is a new count.
     a = admit(known, "a", now=NOW + 1.5)
     b = admit(a.state, "b", now=NOW + 1.6)
     assert (a.send_at, b.send_at) == (NOW + 1.5, NOW + 1.6)
 
     # a's answer: one left, which b (already out) is about to take.
-    answered = observe(b.state, {**PACED, "RateLimit-Remaining": "1"}, now=NOW + 1.7, ticket="a")
+    answered = observe(b.state, RateLimitInfo(**PACED, remaining=1), now=NOW + 1.7, ticket="a")
 
     assert answered.remaining == 0
     assert admit(answered, "c", now=NOW + 1.8).send_at > NOW + 1.8, "c would take b's token"
 
 
 def test_a_response_counts_only_the_requests_let_out_after_its_own():
-    known = observe(GateState(), {**PACED, "RateLimit-Remaining": "3"}, now=NOW)
+    known = observe(GateState(), RateLimitInfo(**PACED, remaining=3), now=NOW)
     a = admit(known, "a", now=NOW + 1.5)
     b = admit(a.state, "b", now=NOW + 1.6)
 
     # b's answer came first; a went before b, so the server had counted it already.
-    answered = observe(b.state, {**PACED, "RateLimit-Remaining": "1"}, now=NOW + 1.7, ticket="b")
+    answered = observe(b.state, RateLimitInfo(**PACED, remaining=1), now=NOW + 1.7, ticket="b")
 
     assert answered.remaining == 1
     assert set(answered.in_flight) == {"a"}
@@ -903,11 +1018,11 @@ def test_a_response_counts_only_the_requests_let_out_after_its_own():
 def test_a_request_without_an_answer_is_no_longer_out_and_one_never_reported_is_forgotten():
     from network_requests.gate import IN_FLIGHT_TTL_SECONDS, release_probe
 
-    known = observe(GateState(), {**PACED, "RateLimit-Remaining": "3"}, now=NOW)
+    known = observe(GateState(), RateLimitInfo(**PACED, remaining=3), now=NOW)
     out = admit(admit(known, "a", now=NOW).state, "b", now=NOW).state
     assert set(out.in_flight) == {"a", "b"}
 
     assert set(release_probe(out, "a").in_flight) == {"b"}
-    later = observe(out, {}, now=NOW + IN_FLIGHT_TTL_SECONDS + 1)
+    later = observe(out, SILENT, now=NOW + IN_FLIGHT_TTL_SECONDS + 1)
     assert later.in_flight == {}
-    assert GateState.from_json(out.to_json()).in_flight == out.in_flight
+    assert GateState.from_json(out.to_json(), now=NOW).in_flight == out.in_flight

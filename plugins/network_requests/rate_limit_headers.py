@@ -51,8 +51,14 @@ _OWS = " \t"
 _NUMBER = re.compile(r"([0-9]+)(?:\.([0-9]+))?", re.ASCII)
 # A count (remaining, limit, quota): digits, at most 15 of them (an RFC 8941 Integer).
 _COUNT = re.compile(r"[0-9]{1,15}", re.ASCII)
-# Where one joined HTTP-date ends and the next begins: a comma before a day name.
-_DATE_SEPARATOR = re.compile(r",[ \t]*(?=(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun)[a-z]*[ ,])", re.ASCII)
+# The shapes of an HTTP-date (RFC 9110 §5.6.7), checked before the stdlib's lenient parser
+# sees a value: IMF-fixdate and RFC 850 (also with a numeric or no zone), and asctime.
+_HTTP_DATE = re.compile(
+    r"[A-Za-z]{3,9}, [0-9]{1,2}[ -][A-Za-z]{3}[ -][0-9]{2,4} [0-9]{2}:[0-9]{2}:[0-9]{2}"
+    r"(?: (?:[A-Za-z]{1,5}|[+-][0-9]{4}))?"
+    r"|[A-Za-z]{3} [A-Za-z]{3} [ 0-9][0-9] [0-9]{2}:[0-9]{2}:[0-9]{2} [0-9]{4}",
+    re.ASCII,
+)
 # Digits beyond this many (leading zeros aside) can't be a time within the horizon, in any unit.
 _MAX_DIGITS = 16
 # How much of a bad value a rejection reason quotes.
@@ -236,22 +242,31 @@ def _read(status_code: Any, lowered: dict[str, str], now: datetime) -> RateLimit
 
 def _retry_after(raw: str, context: _Context) -> float:
     """``Retry-After`` in seconds; a joined value (``"120, 120"``) gives its longest wait."""
-    parts = []
-    for part in _DATE_SEPARATOR.split(raw.strip(_OWS)):
-        # An HTTP-date starts with a day name and has a comma of its own; numbers don't.
-        parts.extend([part] if part[:1].isalpha() else part.split(","))
     seconds = []
-    for part in (part.strip(_OWS) for part in parts):
+    for part in _joined_parts(raw):
         if _NUMBER.fullmatch(part):
             seconds.append(_delta("Retry-After", part, raw))
             continue
-        # "-1", "+1", "1e3", "²": numbers of a kind, but not delay-seconds; only a value that
-        # starts with a day name goes to the (lenient) date parser.
-        moment = _http_date(part) if part[:1].isascii() and part[:1].isalpha() else None
+        # "-1", "+1", "1e3", "²" are numbers of a kind but not delay-seconds, and go nowhere
+        # near a date parser.
+        moment = _http_date(part)
         if moment is None:
             raise _Rejected(f"Retry-After: {_quote(raw)} is not delay-seconds or an HTTP-date")
         seconds.append(_until("Retry-After", raw, (moment - context.reference()).total_seconds()))
     return max(seconds)
+
+
+def _joined_parts(raw: str) -> list[str]:
+    """The values of a field that may have been sent more than once (RFC 9110 §5.3). An
+    IMF-fixdate or RFC 850 date has a comma of its own, right after its day name."""
+    pieces = raw.split(",")
+    parts = []
+    while pieces:
+        piece = pieces.pop(0).strip(_OWS)
+        if pieces and piece.isascii() and piece.isalpha():
+            piece = f"{piece}, {pieces.pop(0).strip(_OWS)}"
+        parts.append(piece)
+    return parts
 
 
 def _structured_quota(context: _Context) -> _Quota | None:
@@ -269,6 +284,8 @@ def _structured_quota(context: _Context) -> _Quota | None:
         remaining = None if "r" not in parameters else _count("RateLimit", parameters["r"], raw)
         reset_after = None if "t" not in parameters else _delta("RateLimit", parameters["t"], raw)
         current.append((name, remaining, reset_after))
+    if all(remaining is None and reset is None for _, remaining, reset in current):
+        raise _Rejected(f"RateLimit: {_quote(raw)} states no remaining count (r) or reset (t)")
     # The most restrictive policy: the fewest requests left; among as few, the latest reset.
     stated = [entry for entry in current if entry[1] is not None]
     if stated:
@@ -297,8 +314,8 @@ def _draft_07_dictionary(raw: str, members: list[tuple[str, dict[str, str]]]) ->
     for head, _ in members:
         key, _, value = head.partition("=")
         fields.setdefault(key.strip(_OWS).lower(), value.strip(_OWS))
-    if not fields.keys() & {"limit", "remaining", "reset"}:
-        raise _Rejected(f"RateLimit: {_quote(raw)} states no limit, remaining or reset")
+    if not fields.keys() & {"remaining", "reset"}:
+        raise _Rejected(f"RateLimit: {_quote(raw)} states no remaining count or reset")
     return _Quota(
         remaining=None if "remaining" not in fields else _count("RateLimit", fields["remaining"], raw),
         limit=None if "limit" not in fields else _count("RateLimit", fields["limit"], raw),
@@ -330,7 +347,8 @@ def _separate_fields(context: _Context, prefix: str, label: str) -> _Quota | Non
         if raw is None:
             return None
         try:
-            return pick([read(label + field.title(), _member(text)[0], raw) for text in _members(raw)])
+            header = label + field.title()
+            return pick([read(header, _member(text)[0], raw) for text in _members(header, raw)])
         except _Rejected as reason:
             context.reject(str(reason))
             return None
@@ -441,7 +459,7 @@ def _count(header: str, text: str, whole: str) -> int:
 def _http_date(text: str) -> datetime | None:
     """An HTTP-date as an aware datetime (no zone, or ``-0000``, means UTC); ``None`` if not one."""
     value = text.strip(_OWS)
-    if not value or len(value) > 64 or not value.isascii():
+    if not _HTTP_DATE.fullmatch(value):
         return None
     try:
         parsed = parsedate_to_datetime(value)
@@ -475,10 +493,10 @@ def _split(text: str, separator: str) -> list[str]:
     return parts
 
 
-def _members(raw: str) -> list[str]:
+def _members(header: str, raw: str) -> list[str]:
     members = [text for text in _split(raw, ",") if text.strip(_OWS)]
     if not members:
-        raise _Rejected(f"{_quote(raw)} is empty")
+        raise _Rejected(f"{header}: {_quote(raw)} is empty")
     return members
 
 

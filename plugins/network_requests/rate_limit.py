@@ -5,49 +5,35 @@ as a callable (``rand``), so every rule is testable without a clock or a sleep.
 The operator in :mod:`network_requests.operators` turns these decisions into
 Airflow effects (reschedule, retry, fail).
 
-Header sources, in the order they are consulted for a rate-limited response:
+No header is parsed here: :func:`network_requests.rate_limit_headers.read_rate_limit_headers`
+reads them all into a :class:`~network_requests.rate_limit_headers.RateLimitInfo`, and the wait
+for a rate-limited answer is, in this order:
 
-1. ``Retry-After`` (RFC 9110 §10.2.3): delta-seconds or an HTTP-date.
-2. A reset header, only when the remaining quota is 0 (or not sent at all):
-   ``RateLimit-Reset`` (IETF draft-ietf-httpapi-ratelimit-headers, delta-seconds),
-   the structured ``RateLimit: "policy";r=0;t=30`` field of the later drafts, and
-   ``X-RateLimit-Reset`` (epoch seconds as GitHub sends it; small values are read
-   as delta-seconds, as some APIs send them).
-3. A backoff built on the task's ``retry_delay``.
+1. the wait the server asked for (:meth:`RateLimitInfo.wait_seconds`: ``Retry-After``, else the
+   reset of a spent quota from ``RateLimit``, ``RateLimit-Reset`` or ``X-RateLimit-Reset``);
+2. a backoff built on the task's ``retry_delay``, with the reason any header was not used.
 """
 
 from __future__ import annotations
 
 import enum
 import math
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from email.utils import parsedate_to_datetime
 
-# Anything longer than this is not a plausible wait; clamping keeps datetime
-# arithmetic from overflowing on absurd headers. The operator's own cap
-# (max_rate_limit_wait, default 1 hour) turns such a wait into a clear failure.
-MAX_HEADER_WAIT_SECONDS = 10 * 365 * 24 * 3600
-
-# X-RateLimit-Reset values below this are delta-seconds, above it epoch seconds.
-# 10**9 seconds is ~31.7 years: no API asks for a wait that long, and no epoch
-# timestamp since 2001-09-09 is that small.
-EPOCH_THRESHOLD_SECONDS = 10**9
-
-# RFC 9110 §10.2.3: delay-seconds = 1*DIGIT. ASCII digits only: str.isdigit()
-# and int() would also accept superscripts and other scripts' digits.
-_DELTA_SECONDS = re.compile(r"[0-9]+", re.ASCII)
-# Optional whitespace around a field value (RFC 9110 §5.5: OWS is SP / HTAB).
-_OWS = " \t"
+from network_requests.rate_limit_headers import (
+    MAX_HORIZON_SECONDS,
+    RateLimitInfo,
+    lower_headers,
+    read_rate_limit_headers,
+)
 
 # RFC 9110 §15.5.9 (408), §15.6 (5xx): worth another try of the same request.
 TRANSIENT_STATUS_CODES = frozenset({408})
 
-
-class MalformedHeaderError(ValueError):
-    """A rate-limit header was present but could not be read."""
+#: ``classify`` uses only the remaining count, which no clock changes; any moment will do.
+_ANY_MOMENT = datetime(2000, 1, 1, tzinfo=timezone.utc)
 
 
 class Outcome(enum.Enum):
@@ -63,6 +49,8 @@ class WaitSource(str, enum.Enum):
     """Where a rate-limit wait came from (logged and reported in metrics)."""
 
     RETRY_AFTER = "Retry-After"
+    #: The structured ``RateLimit`` field (draft-ietf-httpapi-ratelimit-headers).
+    RATELIMIT = "RateLimit"
     RATELIMIT_RESET = "RateLimit-Reset"
     X_RATELIMIT_RESET = "X-RateLimit-Reset"
     BACKOFF = "backoff"
@@ -87,6 +75,7 @@ class Backoff:
 
     Mirrors Airflow's retry backoff: ``retry_delay * multiplier ** n``, capped by
     ``max_delay``; jitter only ever adds, so the wait is never below ``retry_delay``.
+    Like every wait, it is at most ``MAX_HORIZON_SECONDS`` (7 days).
     """
 
     retry_delay: timedelta
@@ -101,8 +90,8 @@ class Backoff:
             try:
                 base *= self.multiplier ** max(consecutive_waits, 0)
             except OverflowError:
-                base = MAX_HEADER_WAIT_SECONDS
-        base = min(base, MAX_HEADER_WAIT_SECONDS)
+                base = MAX_HORIZON_SECONDS
+        base = min(base, MAX_HORIZON_SECONDS)
         fraction = rand()
         fraction = 0.0 if math.isnan(fraction) else min(max(fraction, 0.0), 1.0)
         jitter = self.jitter if math.isfinite(self.jitter) else 0.0
@@ -111,171 +100,7 @@ class Backoff:
             value = base
         if self.max_delay is not None:
             value = min(value, self.max_delay.total_seconds())
-        return min(max(value, self.retry_delay.total_seconds(), 0.0), float(MAX_HEADER_WAIT_SECONDS))
-
-
-def _lower_keys(headers: Mapping[str, str]) -> dict[str, str]:
-    return {str(key).lower(): str(value) for key, value in headers.items()}
-
-
-def parse_delta_seconds(value: str) -> int:
-    """Read ``delay-seconds`` (``"0"``, ``"\\t42 "``); raise :class:`MalformedHeaderError` otherwise."""
-    stripped = value.strip(_OWS)
-    if not _DELTA_SECONDS.fullmatch(stripped):
-        raise MalformedHeaderError(f"not a number of seconds: {value!r}")
-    # Leading zeros and huge values are valid digits; clamp before converting to a wait.
-    if len(stripped.lstrip("0")) > 12:
-        return MAX_HEADER_WAIT_SECONDS
-    return min(int(stripped), MAX_HEADER_WAIT_SECONDS)
-
-
-def parse_http_date(value: str) -> datetime:
-    """Read an HTTP-date (IMF-fixdate, RFC 850, asctime) as an aware datetime.
-
-    A date with no zone is read as UTC, as RFC 9110 §5.6.7 says every HTTP-date is.
-    """
-    try:
-        parsed = parsedate_to_datetime(value.strip(_OWS))
-    except (TypeError, ValueError, IndexError, OverflowError) as error:
-        raise MalformedHeaderError(f"not delta-seconds or an HTTP-date: {value!r}") from error
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
-    return parsed
-
-
-def parse_retry_after(value: str, now: datetime, server_date: datetime | None = None) -> float:
-    """Seconds to wait for a ``Retry-After`` value; a date in the past means 0.
-
-    An HTTP-date is measured against the server's own ``Date`` header when given,
-    so a skewed local clock cannot make us early.
-    """
-    stripped = value.strip(_OWS)
-    if _DELTA_SECONDS.fullmatch(stripped):
-        return float(parse_delta_seconds(stripped))
-    if not stripped or stripped[0] in "+-" or stripped[0].isdigit():
-        # "-1", "+1", "1.0": numbers, but not delta-seconds. Don't let the date
-        # parser guess at them.
-        raise MalformedHeaderError(f"not delta-seconds or an HTTP-date: {value!r}")
-    moment = parse_http_date(stripped)
-    reference = server_date if server_date is not None else now
-    return _clamp((moment - reference).total_seconds())
-
-
-def _clamp(seconds: float) -> float:
-    if math.isnan(seconds):
-        return 0.0
-    return min(max(seconds, 0.0), float(MAX_HEADER_WAIT_SECONDS))
-
-
-def _parse_structured_ratelimit(value: str) -> tuple[int | None, int | None]:
-    """Read ``r`` (remaining) and ``t`` (reset seconds) from a draft-08+ ``RateLimit`` field."""
-    remaining = reset = None
-    for item in value.split(","):
-        for parameter in item.split(";")[1:]:
-            name, _, raw = parameter.strip(_OWS).partition("=")
-            name = name.strip(_OWS).lower()
-            if name in ("r", "t"):
-                number = parse_delta_seconds(raw)
-                if name == "r":
-                    remaining = number if remaining is None else min(remaining, number)
-                else:
-                    reset = number if reset is None else max(reset, number)
-    return remaining, reset
-
-
-def _quota_exhausted(raw_remaining: str | None) -> bool:
-    """A reset header counts only when the remaining quota is 0, or not stated at all."""
-    if raw_remaining is None:
-        return True
-    try:
-        return parse_delta_seconds(raw_remaining.split(",")[0]) == 0
-    except MalformedHeaderError:
-        return False
-
-
-def reset_header_wait(headers: Mapping[str, str], now: datetime) -> tuple[float, WaitSource] | None:
-    """The wait a reset header asks for when the quota is spent; ``None`` if it asks none.
-
-    Raises :class:`MalformedHeaderError` when a reset header is present but unreadable.
-    """
-    found, problems = _reset_header_wait(headers, now)
-    if found is None and problems:
-        raise MalformedHeaderError("; ".join(problems))
-    return found
-
-
-def _reset_header_wait(
-    headers: Mapping[str, str], now: datetime
-) -> tuple[tuple[float, WaitSource] | None, list[str]]:
-    """The first usable reset header, and what was wrong with the unusable ones before it."""
-    lowered = _lower_keys(headers)
-    problems: list[str] = []
-    # Each source on its own: a malformed one must not hide a valid one after it.
-    for read in (_structured_reset, _ratelimit_reset, _x_ratelimit_reset):
-        try:
-            found = read(lowered, now)
-        except MalformedHeaderError as error:
-            problems.append(str(error))
-            continue
-        if found is not None:
-            return found, problems
-    return None, problems
-
-
-def _structured_reset(lowered: dict[str, str], now: datetime) -> tuple[float, WaitSource] | None:
-    if "ratelimit" not in lowered:
-        return None
-    remaining, reset = _parse_structured_ratelimit(lowered["ratelimit"])
-    if reset is not None and (remaining is None or remaining == 0):
-        return float(reset), WaitSource.RATELIMIT_RESET
-    return None
-
-
-def _ratelimit_reset(lowered: dict[str, str], now: datetime) -> tuple[float, WaitSource] | None:
-    if "ratelimit-reset" in lowered and _quota_exhausted(lowered.get("ratelimit-remaining")):
-        return float(parse_delta_seconds(lowered["ratelimit-reset"])), WaitSource.RATELIMIT_RESET
-    return None
-
-
-def _x_ratelimit_reset(lowered: dict[str, str], now: datetime) -> tuple[float, WaitSource] | None:
-    if "x-ratelimit-reset" not in lowered or not _quota_exhausted(lowered.get("x-ratelimit-remaining")):
-        return None
-    raw = lowered["x-ratelimit-reset"].strip(_OWS)
-    # Some APIs send fractional epoch seconds ("1700000000.5"); accept those here.
-    if not re.fullmatch(r"[0-9]{1,15}(\.[0-9]+)?", raw, re.ASCII):
-        raise MalformedHeaderError(f"X-RateLimit-Reset is not a number: {raw!r}")
-    number = float(raw)
-    if number < EPOCH_THRESHOLD_SECONDS:
-        return _clamp(number), WaitSource.X_RATELIMIT_RESET
-    return _clamp(number - now.timestamp()), WaitSource.X_RATELIMIT_RESET
-
-
-def server_date_of(headers: Mapping[str, str]) -> datetime | None:
-    """The response's ``Date`` header as a datetime, or ``None`` when absent or unreadable."""
-    raw = _lower_keys(headers).get("date")
-    if raw is None:
-        return None
-    try:
-        return parse_http_date(raw)
-    except MalformedHeaderError:
-        return None
-
-
-def has_rate_limit_headers(headers: Mapping[str, str]) -> bool:
-    """Does a response carry a ``Retry-After`` or an exhausted quota header?"""
-    lowered = _lower_keys(headers)
-    if "retry-after" in lowered:
-        return True
-    for key in ("x-ratelimit-remaining", "ratelimit-remaining"):
-        if key in lowered and _quota_exhausted(lowered[key]):
-            return True
-    if "ratelimit" in lowered:
-        try:
-            remaining, _ = _parse_structured_ratelimit(lowered["ratelimit"])
-        except MalformedHeaderError:
-            return False
-        return remaining == 0
-    return False
+        return min(max(value, self.retry_delay.total_seconds(), 0.0), float(MAX_HORIZON_SECONDS))
 
 
 def classify(status_code: int, headers: Mapping[str, str]) -> Outcome:
@@ -289,52 +114,54 @@ def classify(status_code: int, headers: Mapping[str, str]) -> Outcome:
     """
     if 200 <= status_code < 300:
         return Outcome.SUCCESS
-    lowered = _lower_keys(headers)
     if status_code == 429:
         return Outcome.RATE_LIMITED
-    if status_code == 503 and "retry-after" in lowered:
-        return Outcome.RATE_LIMITED
-    if status_code == 403 and has_rate_limit_headers(headers):
-        return Outcome.RATE_LIMITED
+    if status_code in (503, 403):
+        # Retry-After's presence says "rate limited" even when its value can't be read: the
+        # wait decision then falls back to a backoff and says why.
+        if "retry-after" in lower_headers(headers):
+            return Outcome.RATE_LIMITED
+        if status_code == 403 and read_rate_limit_headers(status_code, headers, now=_ANY_MOMENT).quota_exhausted:
+            return Outcome.RATE_LIMITED
     if status_code >= 500 or status_code in TRANSIENT_STATUS_CODES:
         return Outcome.TRANSIENT
     return Outcome.PERMANENT
 
 
+#: RateLimitInfo.source -> WaitSource.
+_WAIT_SOURCES = {
+    "Retry-After": WaitSource.RETRY_AFTER,
+    "RateLimit": WaitSource.RATELIMIT,
+    "RateLimit-Reset": WaitSource.RATELIMIT_RESET,
+    "X-RateLimit-Reset": WaitSource.X_RATELIMIT_RESET,
+}
+
+
 def decide_rate_limit_wait(
-    headers: Mapping[str, str],
+    info: RateLimitInfo,
     *,
     now: datetime,
     backoff: Backoff,
     consecutive_waits: int,
     rand: Callable[[], float],
 ) -> RateLimitWait:
-    """How long to wait after a rate-limited response.
+    """How long to wait after a rate-limited response, from what its headers said (``info``).
 
-    Never raises for bad header values: a malformed header falls through to the
-    next source, and ``fallback_reason`` says why.
+    The server's wait when it asked for one, else the backoff; ``fallback_reason`` lists the
+    headers that were present but not used. Never raises.
     """
-    lowered = _lower_keys(headers)
-    problems: list[str] = []
-
-    if "retry-after" in lowered:
-        try:
-            seconds = parse_retry_after(lowered["retry-after"], now, server_date_of(headers))
-            return _wait(seconds, WaitSource.RETRY_AFTER, now, None)
-        except MalformedHeaderError as error:
-            problems.append(f"Retry-After ignored: {error}")
-
-    found, reset_problems = _reset_header_wait(headers, now)
-    problems.extend(f"reset header ignored: {problem}" for problem in reset_problems)
-    if found is not None:
-        return _wait(found[0], found[1], now, "; ".join(problems) or None)
-
-    seconds = backoff.seconds(consecutive_waits, rand)
-    return _wait(seconds, WaitSource.BACKOFF, now, "; ".join(problems) or None)
+    if not isinstance(info, RateLimitInfo):
+        # compat: remove when operators.py moves to read_rate_limit_headers (it passes headers).
+        info = read_rate_limit_headers(429, info, now=now)
+    reason = "; ".join(info.rejected) or None
+    asked = info.wait_seconds()
+    if asked is not None:
+        return _wait(asked, _WAIT_SOURCES.get(info.source or "", WaitSource.RETRY_AFTER), now, reason)
+    return _wait(backoff.seconds(consecutive_waits, rand), WaitSource.BACKOFF, now, reason)
 
 
 def _wait(seconds: float, source: WaitSource, now: datetime, reason: str | None) -> RateLimitWait:
-    seconds = _clamp(seconds)
+    seconds = 0.0 if math.isnan(seconds) else min(max(seconds, 0.0), float(MAX_HORIZON_SECONDS))
     return RateLimitWait(
         seconds=seconds,
         source=source,

@@ -4,8 +4,8 @@ Airflow 3.3 lets every operator take a ``retry_policy`` that looks at the except
 failed with and decides the retry (``airflow.sdk.RetryPolicy``; it runs in the task process,
 see ``airflow/sdk/definitions/retry_policy.py``). This one finds the HTTP response behind
 the exception and, when the server said it is rate limiting, retries after exactly the wait
-the server asked for, read with the same rules as ``NetworkRequestOperator``
-(:mod:`network_requests.rate_limit`): ``Retry-After`` (seconds or an HTTP-date, measured
+the server asked for, read by the same reader as ``NetworkRequestOperator``
+(:mod:`network_requests.rate_limit_headers`): ``Retry-After`` (seconds or an HTTP-date, measured
 against the response's ``Date``), else a reset header when the quota is spent.
 
 Where the response comes from:
@@ -36,15 +36,8 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import RetryPolicy
 from airflow.sdk.definitions.retry_policy import RetryAction, RetryDecision
 
-from network_requests.rate_limit import (
-    MalformedHeaderError,
-    Outcome,
-    WaitSource,
-    classify,
-    parse_retry_after,
-    reset_header_wait,
-    server_date_of,
-)
+from network_requests.rate_limit import Outcome, classify
+from network_requests.rate_limit_headers import read_rate_limit_headers
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -113,23 +106,18 @@ class RetryAfterPolicy(RetryPolicy):
         self.on_too_long = on_too_long
         self.min_wait = min_wait
 
-    def server_wait(self, response: Any) -> tuple[float, WaitSource] | None:
-        """Seconds the server asked to wait, and from which header; ``None`` when it asked none."""
+    def server_wait(self, response: Any) -> tuple[float, str] | None:
+        """Seconds the server asked to wait, and the header that said so; ``None`` when it asked none."""
         headers = response.headers
         if classify(response.status_code, headers) is not Outcome.RATE_LIMITED:
             return None
-        now = self.clock()
-        lowered = {str(key).lower(): str(value) for key, value in headers.items()}
-        if "retry-after" in lowered:
-            try:
-                return parse_retry_after(lowered["retry-after"], now, server_date_of(headers)), WaitSource.RETRY_AFTER
-            except MalformedHeaderError as error:
-                log.warning("RetryAfterPolicy: ignoring Retry-After: %s", error)
-        try:
-            return reset_header_wait(headers, now)
-        except MalformedHeaderError as error:
-            log.warning("RetryAfterPolicy: ignoring reset header: %s", error)
+        info = read_rate_limit_headers(response.status_code, headers, now=self.clock())
+        for reason in info.rejected:
+            log.warning("RetryAfterPolicy: ignoring a header: %s", reason)
+        seconds = info.wait_seconds()
+        if seconds is None:
             return None
+        return seconds, info.source or "Retry-After"
 
     def evaluate(
         self,
@@ -149,7 +137,7 @@ class RetryAfterPolicy(RetryPolicy):
         if wait > self.max_wait:
             reason = (
                 f"HTTP {response.status_code}: the server asked to wait {wait.total_seconds():g}s "
-                f"({source.value}), longer than max_wait={self.max_wait.total_seconds():g}s"
+                f"({source}), longer than max_wait={self.max_wait.total_seconds():g}s"
             )
             if self.on_too_long is RetryAction.FAIL:
                 return RetryDecision.fail(reason=reason)
@@ -157,7 +145,7 @@ class RetryAfterPolicy(RetryPolicy):
         return RetryDecision.retry(
             delay=wait,
             reason=f"HTTP {response.status_code}: retrying after {wait.total_seconds():g}s as the server asked "
-            f"({source.value}); this spends a try",
+            f"({source}); this spends a try",
         )
 
     def serialize(self) -> dict[str, Any]:

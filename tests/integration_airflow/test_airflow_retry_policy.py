@@ -83,6 +83,30 @@ def test_spent_quota_reset_header_is_used_without_retry_after(policy):
 
 
 @pytest.mark.parametrize(
+    ("headers", "seconds"),
+    [
+        pytest.param({"Retry-After": "1.5"}, 1.5, id="decimal-retry-after"),
+        pytest.param({"Retry-After": "20, 20"}, 20, id="retry-after-sent-twice"),
+        pytest.param(
+            {"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": str(int((NOW + timedelta(seconds=42)).timestamp()) * 1000)},
+            42,
+            id="reset-in-epoch-milliseconds",
+        ),
+        pytest.param({"RateLimit": '"default";r=0;t=9, "burst";r=3;t=1'}, 9, id="structured-ratelimit"),
+    ],
+)
+def test_every_header_form_the_reader_knows_sets_the_retry_delay(policy, headers, seconds):
+    decision = policy.evaluate(http_error(429, headers), 1, 3)
+    assert (decision.action, decision.retry_delay) == (RetryAction.RETRY, timedelta(seconds=seconds))
+
+
+def test_a_ten_year_retry_after_is_not_believed_and_airflows_default_applies(policy, caplog):
+    decision = policy.evaluate(http_error(429, {"Retry-After": str(10 * 365 * 24 * 3600)}), 1, 3)
+    assert decision.action is RetryAction.DEFAULT
+    assert "beyond 7 days" in caplog.text
+
+
+@pytest.mark.parametrize(
     "exception",
     [
         ValueError("no response at all"),

@@ -132,6 +132,7 @@ def stop_processes(
     marker: tuple[str, str] | None = None,
     term_again_after: float | None = None,
     kill_now: Callable[[], bool] = lambda: False,
+    on_kill: Callable[[list[psutil.Process]], None] = lambda _left: None,
 ) -> list[psutil.Process]:
     """SIGTERM ``processes``, wait up to ``timeout`` seconds, then SIGKILL what is left.
     Returns the processes still alive after that (normally none).
@@ -140,7 +141,7 @@ def stop_processes(
     that environment variable, are stopped with them. ``term_again_after`` sends a second
     SIGTERM after that many seconds (an Airflow scheduler waits for its running tasks on the
     first one). ``kill_now()`` returning True skips the rest of the grace period (a second
-    Ctrl-C).
+    Ctrl-C). ``on_kill`` is told which processes are about to get SIGKILL.
     """
     known = set(processes)
 
@@ -153,13 +154,17 @@ def stop_processes(
         return alive(found)
 
     begin = time.monotonic()
-    signal_all(remaining(), signal.SIGTERM)
+    termed: set[psutil.Process] = set()
     term_again_at = None if term_again_after is None else begin + term_again_after
     while (left := remaining()) and time.monotonic() - begin < timeout and not kill_now():
         if term_again_at is not None and time.monotonic() >= term_again_at:
-            signal_all(left, signal.SIGTERM)
+            termed.clear()
             term_again_at = None
+        signal_all([p for p in left if p not in termed], signal.SIGTERM)  # and what was born since
+        termed.update(left)
         time.sleep(POLL_SECONDS)
+    if left:
+        on_kill(left)
     killed_at = time.monotonic()
     while (left := remaining()) and time.monotonic() - killed_at < KILL_WAIT_SECONDS:
         signal_all(left, signal.SIGKILL)

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Run the whole project on this machine: `airflow standalone` plus the demo API (`make run`).
 
-Run it with the project's venv Python (`.venv/bin/python scripts/run_embedded.py`); stdlib only.
+Run it with the project's venv Python (`.venv/bin/python scripts/run_embedded.py`): the standard
+library and psutil (an Airflow dependency), through scripts/process_tree.py.
 
 * AIRFLOW_HOME defaults to <repo>/.airflow; the DAGs and plugins come from <repo>/dags and
   <repo>/plugins; task data goes to $AIRFLOW_HOME/data (NETWORK_REQUESTS_DATA_DIR).
@@ -19,7 +20,6 @@ Run it with the project's venv Python (`.venv/bin/python scripts/run_embedded.py
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import secrets
@@ -32,6 +32,11 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from scripts import process_tree  # noqa: E402
+
 VENV_BIN = Path(sys.executable).parent  # not resolved: it must stay the venv's bin/
 GRACE_SECONDS = 15  # how long Airflow gets to stop after SIGTERM before SIGKILL
 
@@ -141,60 +146,6 @@ def airflow_healthy(port: int) -> bool:
         return False
 
 
-def become_subreaper() -> None:
-    """Make orphaned descendants (e.g. tasks whose worker died) re-parent to us, not to init,
-    so that they can still be found and stopped. Linux only; elsewhere a no-op."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-    except (OSError, AttributeError):
-        pass
-
-
-def children_by_parent() -> dict[int, list[tuple[int, str]]]:
-    """{ppid: [(pid, state), ...]} for every process in /proc."""
-    tree: dict[int, list[tuple[int, str]]] = {}
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path("/proc", entry, "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rpartition(")")[2].split()  # state, ppid, ...
-        tree.setdefault(int(fields[1]), []).append((int(entry), fields[0]))
-    return tree
-
-
-def descendants(pid: int | None = None) -> list[int]:
-    """Live (non-zombie) descendants of `pid` (default: this process).
-
-    Zombie children of this process are reaped on the way, except the ones that
-    subprocess.Popen waits for itself.
-    """
-    me = os.getpid()
-    tree, found, todo = children_by_parent(), [], [pid or me]
-    while todo:
-        parent = todo.pop()
-        for child, state in tree.get(parent, []):
-            if state != "Z":
-                found.append(child)
-                todo.append(child)
-            elif parent == me and child not in POPEN_PIDS:
-                try:
-                    os.waitpid(child, os.WNOHANG)
-                except ChildProcessError:
-                    pass
-    return found
-
-
-def send(pids: list[int], sig: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
 POPEN_PIDS: set[int] = set()
 
 
@@ -260,54 +211,43 @@ class Stack:
             if not shown and airflow_healthy(self.port):
                 self.banner()
                 shown = True
-            descendants()  # reaps orphaned zombies re-parented to us
+            process_tree.reap_children(keep=POPEN_PIDS)  # orphans re-parented to us, once they exit
             time.sleep(1)
         return 0
 
     def stop(self) -> None:
-        """Stop Airflow (everything below this script but the demo API), then the demo API."""
-        demo = self.demo
-
-        def airflow_pids() -> list[int]:
-            skip = {demo.pid, *descendants(demo.pid)} if demo else set()
-            return [pid for pid in descendants() if pid not in skip]
-
-        if self.airflow:
-            self.stop_processes(self.airflow, airflow_pids)
-        if demo:
-            self.stop_processes(demo, descendants)
-        print("[run] stopped", flush=True)
-
-    def stop_processes(self, proc: subprocess.Popen, pids) -> None:
-        """SIGTERM proc's process group and every process in `pids()`; SIGKILL what is left
-        after GRACE_SECONDS or at the next Ctrl-C; return when none is left.
+        """Stop Airflow (everything below this script but the demo API), then the demo API.
 
         Why not just signal `airflow standalone`: on SIGTERM it dies alone and leaves its
         components and LocalExecutor workers running; on SIGINT it SIGTERMs its components but
-        the scheduler then waits for running tasks to finish. And task processes run in process
-        groups of their own, so they are signalled one by one.
+        the scheduler then waits for running tasks to finish. And task processes run in sessions
+        of their own. So every process below this script (a child subreaper: orphans stay
+        below it) is stopped: SIGTERM, then SIGKILL after GRACE_SECONDS or at the next Ctrl-C.
         """
-        force_at = self.signals + 1
-        deadline = time.monotonic() + GRACE_SECONDS
-        self.signal_processes(proc, pids, signal.SIGTERM)
-        killing = False
-        while proc.poll() is None or pids():
-            if not killing and (time.monotonic() > deadline or self.signals >= force_at):
-                print("[run] killing what is left", flush=True)
-                killing = True
-            if killing:
-                self.signal_processes(proc, pids, signal.SIGKILL)
-            time.sleep(0.2)
+        demo = set(process_tree.tree(self.demo.pid)) if self.demo else set()
+        if self.airflow:
+            self.stop_processes([p for p in process_tree.descendants(os.getpid()) if p not in demo])
+        if self.demo:
+            self.stop_processes(demo)
+        for proc in (self.airflow, self.demo):
+            if proc is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=5)  # reaped (it is gone: stop_processes waited for that)
+        process_tree.reap_children(keep=POPEN_PIDS)
+        print("[run] stopped", flush=True)
 
-    @staticmethod
-    def signal_processes(proc: subprocess.Popen, pids, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        send(pids(), sig)
+    def stop_processes(self, processes) -> None:
+        force_at = self.signals + 1
+        process_tree.stop_processes(
+            processes,
+            timeout=GRACE_SECONDS,
+            kill_now=lambda: self.signals >= force_at,
+            on_kill=lambda _left: print("[run] killing what is left", flush=True),
+        )
 
 
 def main() -> int:
-    become_subreaper()
+    process_tree.become_subreaper()
     stack = Stack()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, stack.on_signal)

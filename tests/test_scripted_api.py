@@ -18,10 +18,10 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 if str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
 
+from tests.support.ports import free_port  # noqa: E402
 from tests.support.scripted_api import (  # noqa: E402
     ScriptedApi,
     ScriptedResponse,
-    free_port,
     gaps_between,
     scripted_api_fixture,
 )

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.embedded_stack import EmbeddedStack
-from tests.support.scripted_api import ScriptedApi, free_port
+from tests.support.ports import free_port
+from tests.support.scripted_api import ScriptedApi
 
 from . import dag_sources
 from .servers import RoutedApi, StreamingApi

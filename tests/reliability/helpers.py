@@ -9,6 +9,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from tests.support.embedded_stack import log_events
 
 
@@ -50,9 +52,22 @@ def assert_clear_failure(log_text: str, exc_type: str, *needles: str) -> str:
     return message
 
 
+def peak_rss_kb(pid: int) -> int | None:
+    """The highest RSS the process ever had (Linux's VmHWM), in KiB; None when it is gone.
+
+    Read from /proc because psutil (7.2) has no peak RSS: ``memory_info``/``memory_full_info``
+    give the current RSS/USS/PSS only, and sampling those can miss a short peak.
+    """
+    try:
+        status = Path("/proc", str(pid), "status").read_text()
+    except OSError:
+        return None
+    return next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), None)
+
+
 @dataclass
 class MemorySampler:
-    """Samples a process's VmRSS and VmHWM (peak RSS) from /proc until it exits or ``stop()``."""
+    """Samples a process's RSS (psutil) and peak RSS (VmHWM) until it exits or ``stop()``."""
 
     pid: int
     interval: float = 0.005
@@ -65,18 +80,13 @@ class MemorySampler:
     _thread: threading.Thread | None = None
 
     def read(self) -> tuple[int, int] | None:
+        """(RSS, peak RSS) in KiB, or None once the process is gone (a zombie has no memory)."""
         try:
-            status = Path("/proc", str(self.pid), "status").read_text()
-        except OSError:
+            rss = psutil.Process(self.pid).memory_info().rss // 1024
+        except psutil.Error:
             return None
-        values = {}
-        for line in status.splitlines():
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                values[key] = int(rest.split()[0])
-        if "VmRSS" not in values:  # a zombie has no memory lines
-            return None
-        return values["VmRSS"], values["VmHWM"]
+        hwm = peak_rss_kb(self.pid)
+        return None if hwm is None else (rss, hwm)
 
     def start(self) -> MemorySampler:
         first = self.read()
@@ -114,8 +124,6 @@ class MemorySampler:
 
 def pid_with_local_port(pids: list[int], port: int) -> int | None:
     """The process (of ``pids``) whose TCP socket has local port ``port``: the client of a connection."""
-    import psutil
-
     for pid in pids:
         try:
             for conn in psutil.Process(pid).net_connections(kind="tcp"):

@@ -1,21 +1,25 @@
-"""The embedded stack of ``make run`` (scripts/run_embedded.py) as a test fixture one can restart,
-kill parts of, and give DAGs and Connections of its own.
+"""The embedded stack of ``make run`` (scripts/run_embedded.py) as a test fixture: the one the e2e,
+UI and reliability suites start, restart, kill parts of, and give DAGs and Connections of their own.
 
-Reuses the helpers of tests/e2e/test_embedded_stack.py (environment, process tree, clean-up).
-What it adds:
-
-* an optional private DAGs folder: the stack is then started through this file run as a
-  script (``python tests/support/embedded_stack.py``), which loads scripts/run_embedded.py as a
-  module and only changes ``[core] dags_folder`` (and adds ``RELIABILITY_EXTRA__<NAME>``
-  settings); everything else is the script's own code;
+* a private AIRFLOW_HOME and free 127.0.0.1 ports; none of the test session's Airflow settings;
+* an optional private DAGs folder and extra Airflow settings: the stack is then started through
+  this file run as a script (``python tests/support/embedded_stack.py``), which loads
+  scripts/run_embedded.py as a module and only changes ``[core] dags_folder`` (and adds
+  ``EMBEDDED_STACK_EXTRA__<NAME>`` settings); everything else is the script's own code;
 * ``restart()`` on the same AIRFLOW_HOME and ports, with the output of every start appended
   to one log file (``stdout``/``stderr`` of ``make run``);
-* a REST client (token, trigger, runs, task instances, tries, XComs, pause, clear) and the
-  task log files;
-* the processes of the stack: the tree below the launcher (it is a child subreaper, so
-  orphans stay in it), who holds a TCP connection to a port, what listens where.
+* the REST API (tests/support/rest_client.py: the stack *is* a client of its own API), the CLI
+  and the task log files;
+* the processes of the stack (scripts/process_tree.py): the tree below the launcher (it is a
+  child subreaper, so orphans stay in it), who holds a TCP connection to a port, what listens
+  where; and a clean-up that stops whatever is left, also processes that escaped the tree,
+  found by a marker in their environment or their AIRFLOW_HOME on their command line.
 
-Run as a script it is the launcher, and needs nothing but the standard library.
+Use it as a context manager (started on entry, everything stopped on exit)::
+
+    with EmbeddedStack(tmp_path / "airflow-home") as stack:
+        stack.wait_ready(["network_request_once"])
+        run_id = stack.trigger("network_request_once")
 """
 
 from __future__ import annotations
@@ -24,22 +28,32 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
+import uuid
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # run as the launcher script
+    sys.path.insert(0, str(REPO))
+
+import psutil  # noqa: E402
+
+from scripts.process_tree import alive, command_line, processes_with_env, stop_processes, tree  # noqa: E402
+from tests.support.ports import free_port  # noqa: E402
+from tests.support.rest_client import ADMIN_USER, AirflowRestClient, ApiError  # noqa: E402
+
 SCRIPT = REPO / "scripts" / "run_embedded.py"
-DAGS_FOLDER_ENV = "RELIABILITY_DAGS_FOLDER"
-EXTRA_PREFIX = "RELIABILITY_EXTRA__"
-ADMIN_USER = "admin"
-TERMINAL_RUN_STATES = ("success", "failed")
+DAGS_FOLDER_ENV = "EMBEDDED_STACK_DAGS_FOLDER"
+EXTRA_PREFIX = "EMBEDDED_STACK_EXTRA__"
+#: Every process of one stack inherits this variable with a value of its own (see process_tree).
+MARKER_ENV = "EMBEDDED_STACK_ID"
+SIGINT_STOP_SECONDS = 90  # run_embedded.py stops everything after SIGINT within its own grace periods
 
 
 # --------------------------------------------------------------------------
@@ -48,7 +62,7 @@ TERMINAL_RUN_STATES = ("success", "failed")
 
 
 def load_run_embedded():
-    """scripts/run_embedded.py as a module whose ``airflow_env`` honours ``RELIABILITY_*``."""
+    """scripts/run_embedded.py as a module whose ``airflow_env`` honours ``EMBEDDED_STACK_*``."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("run_embedded", SCRIPT)
@@ -58,8 +72,7 @@ def load_run_embedded():
     original = module.airflow_env
 
     def airflow_env(environ: dict[str, str] | None = None) -> dict[str, str]:
-        env = original(environ)
-        return apply_overrides(env)
+        return apply_overrides(original(environ))
 
     module.airflow_env = airflow_env
     return module
@@ -76,46 +89,41 @@ def apply_overrides(env: dict[str, str]) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------
-# The fixture side (imports pytest and the e2e helpers lazily: the launcher must not).
+# The fixture side.
 # --------------------------------------------------------------------------
 
 
-def _e2e():
-    from tests.e2e import test_embedded_stack as e2e
-
-    return e2e
-
-
-@dataclass
-class Response:
-    status: int
-    body: bytes
-
-    @property
-    def ok(self) -> bool:
-        return 200 <= self.status < 300
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-    @property
-    def text(self) -> str:
-        return self.body.decode(errors="replace")
+def clean_environ(home: Path) -> dict[str, str]:
+    """os.environ without any Airflow setting (tests/conftest.py sets some for unit tests), with
+    ``home`` as AIRFLOW_HOME, free ports for the API server and the demo API, and a marker."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("AIRFLOW_", "AIRFLOW__")) and key != "NETWORK_REQUESTS_DATA_DIR"
+    }
+    env.update(
+        AIRFLOW_HOME=str(home),
+        AIRFLOW_PORT=str(free_port()),
+        DEMO_API_PORT=str(free_port()),
+        PYTHONUNBUFFERED="1",
+        **{MARKER_ENV: uuid.uuid4().hex},
+    )
+    return env
 
 
 @dataclass(frozen=True)
 class Listener:
     proto: str  # "tcp" / "udp"
-    address: str  # "127.0.0.1:8080"
+    address: str  # "127.0.0.1:8080", "[::1]:8080"
     pid: int
     process: str
 
 
-class StackError(AssertionError):
+class StackError(ApiError):
     pass
 
 
-class EmbeddedStack:
+class EmbeddedStack(AirflowRestClient):
     """``make run`` on a private AIRFLOW_HOME and free ports, started from this process."""
 
     def __init__(
@@ -126,26 +134,35 @@ class EmbeddedStack:
         extra_env: Mapping[str, str] | None = None,
         airflow_settings: Mapping[str, str] | None = None,
     ) -> None:
-        e2e = _e2e()
         self.home = home
-        self.env = e2e._clean_environ(home)
+        self.env = clean_environ(home)
         self.env.update(extra_env or {})
         if dags_folder is not None:
             self.env[DAGS_FOLDER_ENV] = str(dags_folder)
         for name, value in (airflow_settings or {}).items():
             self.env[EXTRA_PREFIX + name] = value
         self.uses_launcher = dags_folder is not None or bool(airflow_settings)
-        self.cli_env = apply_overrides(e2e._load_run_embedded().airflow_env(self.env))
+        #: The environment of the stack's Airflow processes, for CLI commands against it.
+        self.cli_env = load_run_embedded().airflow_env(dict(self.env))
         self.port = int(self.env["AIRFLOW_PORT"])
         self.demo_port = int(self.env["DEMO_API_PORT"])
-        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.marker = (MARKER_ENV, self.env[MARKER_ENV])
+        super().__init__(f"http://127.0.0.1:{self.port}", self.password)
         self.log_path = home.parent / "run_embedded.log"
         self.proc: subprocess.Popen | None = None
         self.starts = 0
+        #: What the final clean-up found still running ("pid: command line").
+        self.leftovers: list[str] = []
         self._log = None
-        self._token: str | None = None
-        #: (pid, start time) of every process seen in the stack, for the final clean-up.
-        self._seen: set[tuple[int, str]] = set()
+        #: Every process seen in the stack, for the final clean-up.
+        self._seen: set[psutil.Process] = set()
+
+    def __enter__(self) -> EmbeddedStack:
+        self.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.leftovers = self.kill_everything()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -169,7 +186,7 @@ class EmbeddedStack:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        self._token = None
+        self.forget_token()
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -177,46 +194,23 @@ class EmbeddedStack:
     def log_tail(self, chars: int = 6000) -> str:
         return self.log_text()[-chars:]
 
+    def describe(self) -> str:
+        return self.log_tail(3000)
+
     def check_alive(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             code = None if self.proc is None else self.proc.returncode
             raise StackError(f"the stack exited ({code}):\n{self.log_tail()}")
 
-    def healthy(self, *, components: bool = True) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.base_url}/api/v2/monitor/health", timeout=5) as answer:
-                health = json.loads(answer.read())
-        except (OSError, ValueError):
-            return False
-        if not components:
-            return True
-        return all(
-            (health.get(name) or {}).get("status") == "healthy"
-            for name in ("metadatabase", "scheduler", "triggerer", "dag_processor")
-        )
-
     def wait_ready(self, dag_ids: Iterable[str] = (), timeout: float = 240) -> float:
         """Until every component is healthy and each of ``dag_ids`` is registered; seconds taken."""
         begin = time.monotonic()
-        self.wait_for("the stack to be healthy", lambda: self.healthy(), timeout, interval=0.5)
-        pending = set(dag_ids)
-
-        def registered() -> bool:
-            for dag_id in sorted(pending):
-                if self.rest("GET", f"/api/v2/dags/{quote(dag_id)}").ok:
-                    pending.discard(dag_id)
-            return not pending
-
-        remaining = max(timeout - (time.monotonic() - begin), 10)
-        try:
-            self.wait_for(f"DAGs {sorted(pending)} to be registered", registered, remaining, interval=1)
-        except StackError:
-            errors = self.rest("GET", "/api/v2/importErrors").text[:4000]
-            raise StackError(f"DAGs not registered: {sorted(pending)}; import errors: {errors}") from None
+        self.wait_for("the stack to be healthy", self.healthy, timeout, interval=0.5)
+        self.wait_for_dags(dag_ids, max(timeout - (time.monotonic() - begin), 10))
         self.note_processes()
         return time.monotonic() - begin
 
-    def stop(self, sig: int = signal.SIGINT, timeout: float = 90) -> int | None:
+    def stop(self, sig: int = signal.SIGINT, timeout: float = SIGINT_STOP_SECONDS) -> int | None:
         """Signal the launcher (Ctrl-C of ``make run``) and wait for it to exit; its exit code."""
         if self.proc is None:
             return None
@@ -238,56 +232,46 @@ class EmbeddedStack:
         return time.monotonic() - begin
 
     def kill_everything(self) -> list[str]:
-        """The final clean-up, whatever happened: SIGINT, then SIGKILL what is left. Returns leftovers."""
-        e2e = _e2e()
+        """The final clean-up, whatever happened: SIGINT to the launcher, then SIGTERM and
+        SIGKILL to whatever of the stack is left. Returns what was left ("pid: command line")."""
         if self.proc is not None and self.proc.poll() is None:
-            self.note_processes()
-            if self.stop(signal.SIGINT, timeout=60) is None:
-                for pid in e2e._still_alive(self._seen):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                self.proc.wait()
-        leftovers = e2e._processes_of(self.home) + [str(pid) for pid in e2e._still_alive(self._seen)]
-        for line in e2e._processes_of(self.home):
-            with contextlib.suppress(ProcessLookupError, ValueError):
-                os.kill(int(line.split(":")[0]), signal.SIGKILL)
-        for pid in e2e._still_alive(self._seen):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            self.stop(signal.SIGINT, timeout=60)
+        left = self.leftover_processes()
+        described = [f"{process.pid}: {command_line(process)}" for process in left]
+        stop_processes(left, timeout=5, marker=self.marker)
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait()
         if self._log is not None:
             self._log.close()
             self._log = None
-        return leftovers
-
-    def wait_for(self, what: str, condition: Callable[[], Any], timeout: float, interval: float = 1.0) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            result = condition()
-            if result:
-                return result
-            self.check_alive()
-            if time.monotonic() > deadline:
-                raise StackError(f"timed out after {timeout:.0f}s waiting for {what}:\n{self.log_tail(3000)}")
-            time.sleep(interval)
+        return described
 
     # -- processes -----------------------------------------------------------------------
 
     def pids(self) -> list[int]:
         """The launcher and every live process below it."""
-        if self.proc is None:
-            return []
-        return sorted(pid for pid, _ in _e2e()._tree(self.proc.pid))
+        return [] if self.proc is None else [process.pid for process in tree(self.proc.pid)]
 
     def note_processes(self) -> None:
         if self.proc is not None:
-            self._seen |= _e2e()._tree(self.proc.pid)
+            self._seen.update(tree(self.proc.pid))
+
+    def leftover_processes(self) -> list[psutil.Process]:
+        """Processes of this stack still alive: seen below the launcher, carrying its marker,
+        or naming its AIRFLOW_HOME on their command line (the marker is lost to setproctitle)."""
+        home = str(self.home)
+        by_command = []
+        for process in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                if process.pid != os.getpid() and home in command_line(process):
+                    by_command.append(process)
+        return alive([*self._seen, *processes_with_env(*self.marker), *by_command])
 
     @staticmethod
     def cmdline(pid: int) -> str:
-        try:
-            return Path("/proc", str(pid), "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:
-            return ""
+        return command_line(pid)
 
     def find_processes(self, needle: str) -> list[int]:
         """Processes of the stack whose command line (or title) contains ``needle``."""
@@ -295,8 +279,6 @@ class EmbeddedStack:
 
     def processes_connected_to(self, port: int) -> list[int]:
         """Processes of the stack holding an established TCP connection to 127.0.0.1:``port``."""
-        import psutil
-
         found = []
         for pid in self.pids():
             with contextlib.suppress(psutil.Error):
@@ -307,21 +289,16 @@ class EmbeddedStack:
         return found
 
     def listeners(self) -> list[Listener]:
-        """Every listening TCP socket and bound UDP socket of the stack's processes, from ``ss``."""
-        import re
-
-        pids = set(self.pids())
+        """Every listening TCP socket and bound (unconnected) UDP socket of the stack's processes."""
         found = []
-        for proto, flags in (("tcp", "-ltnpH"), ("udp", "-lunpH")):
-            output = subprocess.run(["ss", flags], capture_output=True, text=True, check=True).stdout
-            for line in output.splitlines():
-                fields = line.split()
-                if len(fields) < 5:
-                    continue
-                address = fields[3]  # State Recv-Q Send-Q Local-Address:Port Peer-Address:Port Process
-                for name, pid in re.findall(r'\("([^"]*)",pid=(\d+)', line):
-                    if int(pid) in pids:
-                        found.append(Listener(proto, address, int(pid), name))
+        for pid in self.pids():
+            with contextlib.suppress(psutil.Error):
+                process = psutil.Process(pid)
+                for conn in process.net_connections(kind="inet"):
+                    tcp = conn.type == socket.SOCK_STREAM
+                    if (tcp and conn.status == psutil.CONN_LISTEN) or (not tcp and not conn.raddr):
+                        ip = f"[{conn.laddr.ip}]" if ":" in conn.laddr.ip else conn.laddr.ip
+                        found.append(Listener("tcp" if tcp else "udp", f"{ip}:{conn.laddr.port}", pid, process.name()))
         return found
 
     # -- REST ----------------------------------------------------------------------------
@@ -332,108 +309,6 @@ class EmbeddedStack:
             or self.home / "simple_auth_manager_passwords.json.generated"
         )
         return json.loads(path.read_text())[ADMIN_USER]
-
-    def token(self, *, refresh: bool = False) -> str:
-        if self._token and not refresh:
-            return self._token
-        answer = self.rest("POST", "/auth/token", {"username": ADMIN_USER, "password": self.password()}, auth=False)
-        if not answer.ok:
-            raise StackError(f"POST /auth/token answered {answer.status}: {answer.text[:500]}")
-        self._token = answer.json()["access_token"]
-        return self._token
-
-    def rest(self, method: str, path: str, body: Any = None, *, auth: bool = True, timeout: float = 30) -> Response:
-        for attempt in (1, 2):
-            headers = {"Accept": "application/json"}
-            data = None
-            if body is not None:
-                data = json.dumps(body).encode()
-                headers["Content-Type"] = "application/json"
-            if auth:
-                headers["Authorization"] = f"Bearer {self.token(refresh=attempt == 2)}"
-            request = urllib.request.Request(self.base_url + path, data=data, method=method, headers=headers)
-            try:
-                with urllib.request.urlopen(request, timeout=timeout) as answer:
-                    response = Response(answer.status, answer.read())
-            except urllib.error.HTTPError as error:
-                response = Response(error.code, error.read())
-            except OSError as error:
-                response = Response(0, str(error).encode())
-            if response.status == 401 and auth and attempt == 1:
-                continue
-            return response
-        return response
-
-    def rest_json(self, method: str, path: str, body: Any = None) -> Any:
-        answer = self.rest(method, path, body)
-        if not answer.ok:
-            raise StackError(f"{method} {path} answered {answer.status}: {answer.text[:2000]}")
-        return answer.json()
-
-    def trigger(self, dag_id: str, conf: Mapping[str, Any] | None = None, run_id: str | None = None) -> str:
-        body: dict[str, Any] = {"logical_date": None, "conf": dict(conf or {})}
-        if run_id:
-            body["dag_run_id"] = run_id
-        return self.rest_json("POST", f"/api/v2/dags/{quote(dag_id)}/dagRuns", body)["dag_run_id"]
-
-    def set_paused(self, dag_id: str, paused: bool) -> None:
-        self.rest_json("PATCH", f"/api/v2/dags/{quote(dag_id)}", {"is_paused": paused})
-
-    def dag_run(self, dag_id: str, run_id: str) -> dict[str, Any]:
-        return self.rest_json("GET", f"/api/v2/dags/{quote(dag_id)}/dagRuns/{quote(run_id)}")
-
-    def dag_runs(self, dag_id: str) -> list[dict[str, Any]]:
-        return self.rest_json("GET", f"/api/v2/dags/{quote(dag_id)}/dagRuns?limit=100&order_by=run_after")["dag_runs"]
-
-    def wait_for_run(self, dag_id: str, run_id: str, timeout: float = 180, interval: float = 1) -> dict[str, Any]:
-        def finished():
-            run = self.dag_run(dag_id, run_id)
-            return run if run["state"] in TERMINAL_RUN_STATES else None
-
-        try:
-            return self.wait_for(f"{dag_id}/{run_id} to finish", finished, timeout, interval)
-        except StackError as error:
-            states = [(ti["task_id"], ti["state"], ti["try_number"]) for ti in self.task_instances(dag_id, run_id)]
-            raise StackError(f"{error}\ntasks: {states}") from None
-
-    def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
-        path = f"/api/v2/dags/{quote(dag_id)}/dagRuns/{quote(run_id)}/taskInstances?limit=1000"
-        return sorted(self.rest_json("GET", path)["task_instances"], key=lambda ti: (ti["task_id"], ti["map_index"]))
-
-    def task_instance(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> dict[str, Any]:
-        suffix = f"/{map_index}" if map_index >= 0 else ""
-        return self.rest_json("GET", f"/api/v2/dags/{quote(dag_id)}/dagRuns/{quote(run_id)}/taskInstances/{quote(task_id)}{suffix}")
-
-    def tries(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> list[dict[str, Any]]:
-        suffix = f"/{map_index}" if map_index >= 0 else ""
-        path = f"/api/v2/dags/{quote(dag_id)}/dagRuns/{quote(run_id)}/taskInstances/{quote(task_id)}{suffix}/tries"
-        return sorted(self.rest_json("GET", path)["task_instances"], key=lambda t: t["try_number"])
-
-    def xcom_entries(self, dag_id: str, run_id: str, task_id: str = "~") -> list[dict[str, Any]]:
-        """Every XCom of the run (``task_id="~"``) or of one task, each with its value."""
-        path = f"/api/v2/dags/{quote(dag_id)}/dagRuns/{quote(run_id)}/taskInstances/{quote(task_id)}/xcomEntries?limit=1000"
-        entries = self.rest_json("GET", path)["xcom_entries"]
-        for entry in entries:
-            value_path = (
-                f"/api/v2/dags/{quote(dag_id)}/dagRuns/{quote(run_id)}/taskInstances/{quote(entry['task_id'])}"
-                f"/xcomEntries/{quote(entry['key'])}?map_index={entry['map_index']}&stringify=false"
-            )
-            entry["value"] = self.rest_json("GET", value_path).get("value")
-        return entries
-
-    def clear_task(self, dag_id: str, run_id: str, task_ids: list[str]) -> Any:
-        return self.rest_json(
-            "POST",
-            f"/api/v2/dags/{quote(dag_id)}/clearTaskInstances",
-            {"dry_run": False, "dag_run_id": run_id, "task_ids": task_ids, "only_failed": False, "reset_dag_runs": True},
-        )
-
-    def rest_log(self, dag_id: str, run_id: str, task_id: str, try_number: int, map_index: int = -1) -> str:
-        path = (
-            f"/api/v2/dags/{quote(dag_id)}/dagRuns/{quote(run_id)}/taskInstances/{quote(task_id)}/logs/{try_number}"
-            f"?full_content=true&map_index={map_index}"
-        )
-        return self.rest("GET", path).text
 
     # -- files ---------------------------------------------------------------------------
 
@@ -461,6 +336,7 @@ class EmbeddedStack:
     # -- CLI -----------------------------------------------------------------------------
 
     def airflow(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+        """``airflow <args>`` against the stack's metadata DB and settings."""
         return subprocess.run(
             [sys.executable, "-m", "airflow", *args],
             env=self.cli_env,
@@ -469,10 +345,6 @@ class EmbeddedStack:
             timeout=timeout,
             stdin=subprocess.DEVNULL,
         )
-
-
-def quote(value: str) -> str:
-    return urllib.parse.quote(value, safe="")
 
 
 def log_events(text: str) -> list[dict[str, Any]]:

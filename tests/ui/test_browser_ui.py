@@ -1,7 +1,7 @@
 """The plugin in the real Airflow UI, in Debian's headless Chromium (Selenium), on the embedded stack.
 
-Starts the stack as `make run` does (scripts/run_embedded.py, reusing the helpers of
-tests/e2e/test_embedded_stack.py: private AIRFLOW_HOME, free 127.0.0.1 ports, the demo
+Starts the stack as `make run` does (scripts/run_embedded.py, through
+tests/support/embedded_stack.py: private AIRFLOW_HOME, free 127.0.0.1 ports, the demo
 API), waits for the first `network_request_periodic` run, whose tight demo API makes some
 `fetch` tasks wait (deferred to the triggerer), then, as a person would:
 
@@ -20,7 +20,7 @@ import json
 import shutil
 import time
 import urllib.parse
-import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -62,41 +62,13 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-from tests.e2e.test_embedded_stack import Stack, _wait_for  # noqa: E402
-
-
-class Api:
-    """The stack's REST API as admin (to know what to look at; the checks are in the browser)."""
-
-    def __init__(self, base: str, password: str) -> None:
-        self.base = base
-        request = urllib.request.Request(
-            f"{base}/auth/token",
-            data=json.dumps({"username": "admin", "password": password}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=30) as response:
-            self.token = json.loads(response.read())["access_token"]
-
-    def get(self, path: str):
-        request = urllib.request.Request(self.base + path, headers={"Authorization": f"Bearer {self.token}"})
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            if error.code == 404:
-                return None
-            raise
+from tests.support.embedded_stack import EmbeddedStack  # noqa: E402
 
 
 @pytest.fixture
-def stack(tmp_path: Path):
-    stack = Stack(tmp_path / "airflow-home")
-    stack.start()
-    try:
+def stack(tmp_path: Path) -> Iterator[EmbeddedStack]:
+    with EmbeddedStack(tmp_path / "airflow-home") as stack:
         yield stack
-    finally:
-        stack.kill_everything()
 
 
 @pytest.fixture
@@ -127,38 +99,37 @@ def body_text(driver) -> str:
     return driver.find_element(By.TAG_NAME, "body").text
 
 
-def test_waiting_task_extra_link_and_rate_limit_page_in_the_browser(stack: Stack, browser):
+def test_waiting_task_extra_link_and_rate_limit_page_in_the_browser(stack: EmbeddedStack, browser):
     started = time.monotonic()
     shutil.rmtree(ARTIFACTS, ignore_errors=True)
     ARTIFACTS.mkdir(parents=True)
-    base = f"http://127.0.0.1:{stack.port}"
-    _wait_for("the API server to be healthy", stack.healthy, START_TIMEOUT, stack, interval=1)
-    password = json.loads((stack.home / "simple_auth_manager_passwords.json.generated").read_text())["admin"]
-    api = Api(base, password)
+    base = stack.base_url
+    stack.wait_for("the API server to be healthy", lambda: stack.healthy(components=False), START_TIMEOUT, interval=1)
+    password = stack.password()
 
     # The first periodic run: find a fetch task that the wait history says was deferred,
     # and wait for it to succeed.
     found: dict[str, object] = {}
 
     def deferred_task_succeeded() -> bool:
-        variable = api.get(f"/api/v2/variables/network_requests.waits.{CONN_ID}")
-        runs = api.get(f"/api/v2/dags/{DAG_ID}/dagRuns?order_by=-run_after&limit=1")
+        variable = stack.variable(f"network_requests.waits.{CONN_ID}")
+        runs = stack.get_or_none(f"/api/v2/dags/{DAG_ID}/dagRuns?order_by=-run_after&limit=1")
         if not variable or not runs or not runs["dag_runs"]:
             return False
-        waits = [w for w in json.loads(variable["value"]) if w["mode"] == "defer"]
+        waits = [w for w in json.loads(variable) if w["mode"] == "defer"]
         run_id = runs["dag_runs"][0]["dag_run_id"]
         for wait_entry in waits:
             label = wait_entry["task"]  # network_request_periodic.fetch[3]
             if not label.startswith(f"{DAG_ID}.fetch["):
                 continue
             map_index = int(label.rsplit("[", 1)[1].rstrip("]"))
-            ti = api.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{urllib.parse.quote(run_id)}/taskInstances/fetch/{map_index}")
+            ti = stack.get_or_none(f"/api/v2/dags/{DAG_ID}/dagRuns/{urllib.parse.quote(run_id)}/taskInstances/fetch/{map_index}")
             if ti and ti["state"] == "success":
                 found.update(run_id=run_id, map_index=map_index, url=wait_entry["url"], ti=ti)
                 return True
         return False
 
-    _wait_for("a deferred fetch task of the first periodic run to succeed", deferred_task_succeeded, RUN_TIMEOUT, stack)
+    stack.wait_for("a deferred fetch task of the first periodic run to succeed", deferred_task_succeeded, RUN_TIMEOUT)
     run_id, map_index, expected_url = found["run_id"], found["map_index"], found["url"]
     assert found["ti"]["try_number"] == 1, "a rate-limit wait must not spend a try"
     task_path = f"/dags/{DAG_ID}/runs/{urllib.parse.quote(str(run_id))}/tasks/fetch/mapped/{map_index}"
@@ -190,7 +161,7 @@ def test_waiting_task_extra_link_and_rate_limit_page_in_the_browser(stack: Stack
     link = wait(browser, EC.element_to_be_clickable((By.XPATH, "//a[normalize-space()='API endpoint']")))
     href = link.get_attribute("href")
     assert href == expected_url
-    assert href.startswith(f"http://127.0.0.1:{stack.env['DEMO_API_PORT']}/api/") and "@" not in href
+    assert href.startswith(f"http://127.0.0.1:{stack.demo_port}/api/") and "@" not in href
     shoot(browser, "05-task-details-extra-link")
     ui_window = browser.current_window_handle
     link.click()

@@ -1,6 +1,10 @@
-"""Sample the Airflow stack's processes from /proc: worker slots, waiting tasks, memory.
+"""Sample the Airflow stack's processes: worker slots, waiting tasks, memory.
 
-Linux only, stdlib only. :class:`Sampler` is a thread that, every ``interval`` seconds,
+Linux only. Read through psutil where it gives the same figure (PSS, command line or title,
+the machine's CPU times, the list of processes); from /proc where it cannot: each process's
+``stat`` (:func:`read_proc`), its threads' children (:func:`_children_of`) and ``wchan``
+(:func:`read_wchan`).
+:class:`Sampler` is a thread that, every ``interval`` seconds,
 reads the process table and classifies what it finds below a *root* process (the bench
 runner; it is a child subreaper, so orphaned task processes stay below it too):
 
@@ -35,12 +39,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import psutil
+
+from scripts.process_tree import command_line
+
 WORKER_TITLE_PREFIX = "airflow worker -- LocalExecutor"
 IDLE_SUFFIX = "<idle>"
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 #: PSS needs /proc/<pid>/smaps_rollup, which is costlier to read: do it every Nth sample.
 PSS_EVERY = 5
+ZOMBIE = psutil.STATUS_ZOMBIE
 
 
 @dataclass(frozen=True)
@@ -54,16 +63,22 @@ class Proc:
 
 
 def read_process_table() -> dict[int, Proc]:
-    """Every process in /proc (zombies included, with their state ``Z``)."""
+    """Every process of the machine (zombies included, with their state :data:`ZOMBIE`)."""
     table: dict[int, Proc] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (proc := read_proc(int(entry))) is not None:
+    for pid in psutil.pids():
+        if (proc := read_proc(pid)) is not None:
             table[proc.pid] = proc
     return table
 
 
 def read_proc(pid: int) -> Proc | None:
-    """One process's /proc/<pid>/stat, or None when it is gone."""
+    """One process's /proc/<pid>/stat, or None when it is gone.
+
+    Read from /proc, not psutil: psutil takes the RSS from /proc/<pid>/statm, the kernel's
+    exact sum, while the RSS in /proc/<pid>/stat (which every earlier run of this benchmark
+    reported) is its cheaper approximation; they differ by about 1%. One read per process
+    and sample also keeps the sampler light.
+    """
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
             raw = handle.read().decode("utf-8", "replace")
@@ -75,7 +90,7 @@ def read_proc(pid: int) -> Proc | None:
         return Proc(
             pid,
             int(fields[1]),
-            fields[0],
+            ZOMBIE if fields[0] == "Z" else fields[0],
             int(fields[21]) * PAGE_SIZE,
             int(fields[11]) + int(fields[12]),
             int(fields[13]) + int(fields[14]),
@@ -86,7 +101,10 @@ def read_proc(pid: int) -> Proc | None:
 
 def _children_of(pid: int) -> list[int] | None:
     """Children of every thread of ``pid`` (Linux's /proc/<pid>/task/<tid>/children);
-    None when the kernel does not provide that file."""
+    None when the kernel does not provide that file.
+
+    Read from /proc because psutil's ``children()`` reads the parent of every process of the
+    machine at each call, which on a shared machine costs far more than this subtree."""
     found: list[int] = []
     try:
         tids = os.listdir(f"/proc/{pid}/task")
@@ -122,7 +140,7 @@ def read_subtree(root: int, exclude: set[int] = frozenset()) -> dict[int, Proc]:
             table = read_process_table()
             keep = {root, *live_descendants(table, root, exclude)}
             return {p: table[p] for p in keep if p in table} | {
-                p: q for p, q in table.items() if q.state == "Z" and q.ppid in keep and p not in exclude
+                p: q for p, q in table.items() if q.state == ZOMBIE and q.ppid in keep and p not in exclude
             }
         todo.extend(child for child in children if child not in exclude and child not in subtree)
     return subtree
@@ -144,21 +162,18 @@ def live_descendants(table: dict[int, Proc], root: int, exclude: set[int] = froz
             if child in exclude:
                 continue
             todo.append(child)
-            if table[child].state != "Z":
+            if table[child].state != ZOMBIE:
                 found.append(child)
     return found
 
 
 def read_cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return handle.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
-    except OSError:
-        return ""
+    return command_line(pid)
 
 
 def read_wchan(pid: int) -> str:
-    """The kernel function the process's main thread is blocked in ("0" or "" when running)."""
+    """The kernel function the process's main thread is blocked in ("0" or "" when running).
+    From /proc: psutil does not read ``wchan``."""
     try:
         with open(f"/proc/{pid}/wchan") as handle:
             return handle.read().strip()
@@ -168,22 +183,18 @@ def read_wchan(pid: int) -> str:
 
 def read_pss_bytes(pid: int) -> int | None:
     try:
-        with open(f"/proc/{pid}/smaps_rollup") as handle:
-            for line in handle:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
+        return psutil.Process(pid).memory_full_info().pss
+    except (psutil.Error, OSError):
         return None
-    return None
 
 
 def read_system_cpu() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
-    with open("/proc/stat") as handle:
-        values = [int(v) for v in handle.readline().split()[1:]]
-    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
-    total = sum(values[:8])  # guest time is already counted in user
-    return (total - idle) / CLOCK_TICKS, total / CLOCK_TICKS
+    """(busy, total) CPU seconds of the whole machine since boot."""
+    times = psutil.cpu_times()
+    idle = times.idle + getattr(times, "iowait", 0.0)
+    # Guest time is already counted in user.
+    total = sum(getattr(times, name, 0.0) for name in ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal"))
+    return total - idle, total
 
 
 def is_sleep(wchan: str) -> bool:
@@ -367,7 +378,7 @@ class Sampler(threading.Thread):
             workloads[pid] = title.rpartition(" ")[2]
             slot_waiting = False
             for child in children.get(pid, []):
-                if table[child].state == "Z":
+                if table[child].state == ZOMBIE:
                     continue
                 wchan = read_wchan(child)
                 task_pids.append(child)
@@ -375,9 +386,8 @@ class Sampler(threading.Thread):
                 slot_waiting = slot_waiting or is_sleep(wchan)
             waiting += slot_waiting
         try:
-            with open("/proc/loadavg") as handle:
-                load = float(handle.read().split()[0])
-        except (OSError, ValueError, IndexError):
+            load = os.getloadavg()[0]
+        except OSError:
             load = 0.0
         pss = None
         if self._count % PSS_EVERY == 1:

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """``make bench``: three ways to send N rate-limited requests, through a real Airflow scheduler.
 
-Run it with the project's venv Python (stdlib only here; Airflow runs in its own processes)::
+Run it with the project's venv Python (the standard library and psutil, an Airflow dependency,
+through scripts/process_tree.py; Airflow runs in its own processes)::
 
     .venv/bin/python bench/run_bench.py                       # token bucket, N=60, R=1/s
     .venv/bin/python bench/run_bench.py --shape both          # + the fixed-window API
@@ -36,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import datetime as dt
 import hashlib
 import json
@@ -45,7 +45,6 @@ import os
 import platform
 import shlex
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -62,8 +61,10 @@ REPO = BENCH_DIR.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.procstats import Sampler, live_descendants, read_cmdline, read_process_table  # noqa: E402
+from bench.procstats import Sampler, read_proc  # noqa: E402
 from bench.rate_limited_server import percentile  # noqa: E402
+from scripts import process_tree  # noqa: E402
+from tests.support.ports import free_port  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent  # not resolved: it must stay the venv's bin/
 STRATEGIES = ("network_request_operator", "http_operator", "urllib3_retry")
@@ -99,20 +100,6 @@ class BenchError(Exception):
 
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def free_port() -> int:
-    """A port that was free on 127.0.0.1 a moment ago (the kernel picks it)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def become_subreaper() -> None:
-    """Orphaned descendants (a task whose worker died) re-parent to us, not to init, so they
-    can still be found and stopped. Linux only; elsewhere a no-op."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
 
 
 # Never send 127.0.0.1 traffic through a proxy from the environment.
@@ -265,11 +252,10 @@ class Stack:
         return {self.server.pid} if self.server is not None else set()
 
     def rss_by_component_mb(self) -> dict[str, float]:
-        table = read_process_table()
         result = {}
         for name, proc in self.components.items():
-            pids = [proc.pid, *live_descendants(table, proc.pid)]
-            result[name] = round(sum(table[p].rss_bytes for p in pids if p in table) / 2**20, 1)
+            found = [read_proc(process.pid) for process in process_tree.tree(proc.pid)]
+            result[name] = round(sum(p.rss_bytes for p in found if p is not None) / 2**20, 1)
         return result
 
     def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
@@ -294,66 +280,41 @@ class Stack:
 
     # -- stop -----------------------------------------------------------------------------
 
-    def descendants(self) -> list[int]:
-        """Live descendants of the runner; zombies among our own children are reaped."""
-        me = os.getpid()
-        table = read_process_table()
-        for proc in table.values():
-            if proc.ppid == me and proc.state == "Z" and proc.pid not in self._popen_pids:
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(proc.pid, os.WNOHANG)
-        for popen in [*self.components.values(), self.server]:
-            if popen is not None:
-                popen.poll()
-        return live_descendants(read_process_table(), me)
-
     def stop(self) -> None:
-        """SIGTERM every process group we started and every descendant (task processes have
-        groups of their own); SIGKILL what is left after GRACE_SECONDS, or at once after a
-        second Ctrl-C. Returns when nothing we started is left (bounded: 2 x GRACE_SECONDS)."""
-        groups = [p.pid for p in [*self.components.values(), self.server] if p is not None]
-        if not groups and not self.descendants():
+        """SIGTERM every process below the runner (task processes have sessions of their own),
+        again after 2 s (on the first SIGTERM the scheduler waits for its LocalExecutor workers:
+        "signal again if you don't want to wait"); SIGKILL what is left after GRACE_SECONDS, or
+        at once after a second Ctrl-C. Returns when nothing we started is left (bounded)."""
+        started = [p for p in [*self.components.values(), self.server] if p is not None]
+        processes = process_tree.descendants(os.getpid())
+        if not processes:
             return
         log("stopping the Airflow stack and the server")
-        self._signal(groups, signal.SIGTERM)
-        deadline = time.monotonic() + GRACE_SECONDS
-        # On the first SIGTERM the scheduler waits for its LocalExecutor workers, which keep
-        # running (they inherit its handler); "signal again if you don't want to wait".
-        second_term_at = time.monotonic() + 2
-        killed_at = None
-        while self.descendants():
-            now = time.monotonic()
-            started = [p for p in [*self.components.values(), self.server] if p is not None]
-            if killed_at is None and all(p.poll() is not None for p in started):
-                # The components are gone; what is left are orphans (LocalExecutor workers
-                # ignore SIGTERM, they inherit the scheduler's handler): nothing to wait for.
-                deadline = min(deadline, now + 1)
-            if second_term_at is not None and now > second_term_at:
-                self._signal(groups, signal.SIGTERM)
-                second_term_at = None
-            if killed_at is None and (now > deadline or self.force_kill):
-                left = ", ".join(f"{pid} {read_cmdline(pid)[:50]!r}" for pid in self.descendants())
-                log(f"killing what is left: {left}")
-                killed_at = now
-            if killed_at is not None:
-                self._signal(groups, signal.SIGKILL)
-                if now - killed_at > GRACE_SECONDS:
-                    log(f"could not stop: {self.descendants()}")
-                    break
-            time.sleep(0.2)
-        for popen in [*self.components.values(), self.server]:
-            if popen is not None:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    popen.wait(timeout=1)
-        log("stopped")
+        components_gone_at: float | None = None
 
-    def _signal(self, groups: list[int], sig: int) -> None:
-        for pgid in groups:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pgid, sig)
-        for pid in self.descendants():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
+        def kill_now() -> bool:
+            nonlocal components_gone_at
+            if self.force_kill:
+                return True
+            if components_gone_at is None and all(p.poll() is not None for p in started):
+                components_gone_at = time.monotonic()
+            # The components are gone; what is left are orphans (LocalExecutor workers ignore
+            # SIGTERM, they inherit the scheduler's handler): nothing to wait for.
+            return components_gone_at is not None and time.monotonic() - components_gone_at > 1
+
+        def announce(left: list) -> None:
+            log("killing what is left: " + ", ".join(f"{p.pid} {process_tree.command_line(p)[:50]!r}" for p in left))
+
+        left = process_tree.stop_processes(
+            processes, timeout=GRACE_SECONDS, term_again_after=2, kill_now=kill_now, on_kill=announce
+        )
+        if left:
+            log(f"could not stop: {[p.pid for p in left]}")
+        for popen in started:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                popen.wait(timeout=1)
+        process_tree.reap_children(keep=self._popen_pids)
+        log("stopped")
 
 
 # --------------------------------------------------------------------------
@@ -921,7 +882,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = (args.run_dir or BENCH_DIR / "runs" / started_at.strftime("%Y%m%d-%H%M%S")).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     fingerprint_at_start = source_fingerprint()
-    become_subreaper()
+    process_tree.become_subreaper()
     stack = Stack(args, run_dir)
     interrupts = 0
     stopping = False

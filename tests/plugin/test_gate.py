@@ -12,6 +12,7 @@ import json
 import math
 import random
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -32,7 +33,7 @@ from network_requests.gate import (
     is_open,
     observe,
 )
-from network_requests.rate_limit_headers import RateLimitInfo
+from network_requests.rate_limit_headers import RateLimitInfo, read_rate_limit_headers
 
 #: A fixed clock (epoch seconds), a multiple of 10 so fixed windows start on it.
 NOW = 1_700_000_000.0
@@ -253,7 +254,8 @@ class TestAdmit:
         assert "a" not in admission.state.tickets
 
     def test_a_ticket_holder_coming_back_early_gets_the_same_time_again_without_a_second_reservation(self):
-        state = observe(GateState(), RateLimitInfo(remaining=0, reset_after=10, limit=1, window=1, interval=1.0), now=NOW)
+        paced = RateLimitInfo(remaining=0, reset_after=10, limit=1, window=1, interval=1.0)
+        state = observe(GateState(), paced, now=NOW)
         _, state = admit_all(state, ["a", "b"])  # a at +10, b at +11
         again = admit(state, "b", now=NOW + 5)
         assert again.send_at == NOW + 11
@@ -440,6 +442,40 @@ class TestBounded:
         assert admission.send_at == NOW + HORIZON_SECONDS
         assert admission.state.horizon <= NOW + HORIZON_SECONDS
         assert observe(far, SILENT, now=NOW).horizon <= NOW + HORIZON_SECONDS
+
+
+class TestThroughTheHeaderReader:
+    """The findings end to end from response headers: the reader, then the gate."""
+
+    @staticmethod
+    def read(status: int, headers: dict[str, str]) -> RateLimitInfo:
+        return read_rate_limit_headers(status, headers, now=datetime.fromtimestamp(NOW, timezone.utc))
+
+    def observed(self, status: int, headers: dict[str, str]) -> GateState:
+        return observe(GateState(), self.read(status, headers), now=NOW)
+
+    def test_a_200_with_remaining_0_and_a_millisecond_reset_blocks_until_that_reset(self):
+        state = self.observed(200, {"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": str((int(NOW) + 42) * 1000)})
+        assert state.blocked_until == NOW + 42
+
+    def test_a_200_with_remaining_0_and_a_reset_years_away_does_not_block_to_that_year(self):
+        # 1.7e15 is read as epoch milliseconds (53,816 years away): rejected by the reader.
+        headers = {"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": str(EPOCH_MILLISECONDS * 1000)}
+        assert self.read(200, headers).rejected, "the reader must have refused this reset"
+        state = self.observed(200, headers)
+        assert state.blocked_until == 0.0
+        assert GateState.from_json(state.to_json(), now=NOW + 1) == state
+
+    def test_the_structured_ratelimit_header_on_a_200_closes_the_gate_for_its_t(self):
+        # It was read on a 429 only; a server announcing "no quota for 30 s" on a 200 was hit again at once.
+        state = self.observed(200, {"RateLimit": '"default";r=0;t=30'})
+        assert state.blocked_until == NOW + 30
+        assert admit(state, "next", now=NOW + 1).send_at == NOW + 30
+
+    def test_a_structured_policy_paces_the_tasks_after_the_quota(self):
+        headers = {"RateLimit": '"default";r=0;t=30', "RateLimit-Policy": '"default";q=100;w=60'}
+        times, _ = admit_all(self.observed(200, headers), ["a", "b", "c"], now=NOW + 1)
+        assert times == [NOW + 30, NOW + 30.6, pytest.approx(NOW + 31.2)]
 
 
 class TestExpiryRelativeToNow:

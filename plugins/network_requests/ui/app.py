@@ -10,11 +10,16 @@ Login works like the rest of Airflow 3.3's UI: the user comes from the same JWT,
 Airflow's own ``get_user`` dependency. Without one, the page redirects to the auth
 manager's login page and the JSON answers 401. Each connection's data comes from two
 Variables, so it is shown only when the auth manager lets the user read Variables of that
-key (``is_authorized_variable(method="GET")``).
+key (``is_authorized_variable(method="GET")``). With ``[network_requests] gate_store = redis``
+the gates are read from Redis instead (the wait histories stay in Variables) and shown under
+the same rule, as if they were the Variables ``network_requests.gate.<conn>``; if Redis cannot
+be read the page says so and shows the rest.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +32,8 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from network_requests import gate_store, wait_history
 from network_requests.ui import view
+
+log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
 REFRESH_SECONDS = 30
@@ -63,6 +70,31 @@ def read_variables() -> dict[str, str | None]:
             )
         ).all()
         return {row.key: row.val for row in rows}
+
+
+@functools.lru_cache(maxsize=1)
+def gate_store_for_page() -> gate_store.GateStore:
+    """The configured gate store, made once per API server process (as its config is read once)."""
+    return gate_store.gate_store_from_config()
+
+
+def read_gates_from_store() -> tuple[dict[str, str | None], str | None]:
+    """Gates the configured store holds outside Variables (Redis), keyed like their Variables,
+    and what to tell the user if that store could not be read."""
+    try:
+        store = gate_store_for_page()
+        states = getattr(store, "states", None)
+        if states is None:
+            return {}, None  # the Variable store: read_variables() has the gates
+        return {gate_store.variable_key(key): raw for key, raw in states().items()}, None
+    except Exception:
+        log.warning("Rate limits page: the gate store could not be read", exc_info=True)
+        return {}, "The gate store could not be read (see the API server log): gates are not shown."
+
+
+def stored_values() -> tuple[dict[str, str | None], str | None]:
+    gates, problem = read_gates_from_store()
+    return {**read_variables(), **gates}, problem
 
 
 async def current_user(request: Request, credentials: HTTPAuthorizationCredentials | None) -> Any:
@@ -118,11 +150,13 @@ def create_app() -> FastAPI:
             if error.status_code == 401:
                 return login_redirect(request)
             raise
-        values, hidden = readable(read_variables(), user)
+        stored, store_problem = stored_values()
+        values, hidden = readable(stored, user)
         now = time.time()
         html = _templates.get_template("rate_limits.html").render(
             connections=view.page_data(values, now),
             hidden=hidden,
+            store_problem=store_problem,
             generated=view.utc(now),
             refresh_seconds=REFRESH_SECONDS,
             static_url=str(request.url_for("static", path="rate_limits.css").path),
@@ -135,12 +169,14 @@ def create_app() -> FastAPI:
         request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)
     ) -> JSONResponse:
         user = await current_user(request, credentials)
-        values, hidden = readable(read_variables(), user)
+        stored, store_problem = stored_values()
+        values, hidden = readable(stored, user)
         now = time.time()
         return JSONResponse(
             {
                 "generated_at": now,
                 "hidden_connections": hidden,
+                "gate_store_problem": store_problem,
                 "connections": [view.as_json(item) for item in view.page_data(values, now)],
             }
         )

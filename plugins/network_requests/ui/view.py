@@ -3,16 +3,27 @@
 Input: the values of the ``network_requests.gate.<conn>`` and ``network_requests.waits.<conn>``
 Variables and the current time. Output: plain data for the template (strings and numbers;
 the template escapes every string) and the geometry of the timeline chart (inline SVG).
+
+Any stored value renders: anyone who may edit Variables can write anything there, and a
+page that answers 500 hides every other connection. A gate that cannot be read is shown as
+the conservative block the gate itself puts in its place (``GateState.damaged``); a wait
+entry with an impossible time is left out and counted; every URL goes through
+:func:`~network_requests.endpoints.redact_url`.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 from network_requests import gate_store, wait_history
-from network_requests.gate import GateState, is_open
+from network_requests.endpoints import redact_url
+from network_requests.gate import HORIZON_SECONDS, GateState, is_open
+
+log = logging.getLogger(__name__)
 
 #: Chart geometry, in SVG user units.
 CHART_WIDTH = 960
@@ -46,11 +57,17 @@ SOURCE_LABELS = {
 def utc(epoch: float | None) -> str:
     if not epoch:
         return "–"
-    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    try:
+        return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (OverflowError, ValueError, OSError):
+        return f"not a date ({epoch!r})"
 
 
 def clock(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%H:%M:%S")
+    try:
+        return datetime.fromtimestamp(epoch, timezone.utc).strftime("%H:%M:%S")
+    except (OverflowError, ValueError, OSError):
+        return "?"
 
 
 def relative(epoch: float | None, now: float) -> str:
@@ -109,7 +126,7 @@ class Chart:
 @dataclass
 class ConnectionView:
     conn: str
-    status: str  # "open", "blocked", "queued"
+    status: str  # "open", "blocked", "queued", "damaged"
     status_text: str
     gate: dict[str, str]
     tickets: list[tuple[str, str]]
@@ -120,6 +137,10 @@ class ConnectionView:
     #: What is stored, as numbers (for ``/api/connections``).
     state: dict[str, Any] = field(default_factory=dict)
     recent_waits: list[dict[str, Any]] = field(default_factory=list)
+    #: Why the stored gate could not be read (shown as its conservative block), if so.
+    damaged: str | None = None
+    #: Stored waits left out because their times are impossible (or the list unreadable).
+    skipped_waits: int = 0
 
 
 def connections_from_variables(values: dict[str, str | None]) -> dict[str, tuple[str | None, str | None]]:
@@ -135,7 +156,12 @@ def connections_from_variables(values: dict[str, str | None]) -> dict[str, tuple
 
 def gate_summary(state: GateState, now: float) -> tuple[str, str, dict[str, str]]:
     """(status, status text, field -> text) for one gate."""
-    if state.blocked_until > now:
+    if state.damaged is not None:
+        status, text = "damaged", (
+            f"the stored state could not be read; tasks wait until {utc(state.blocked_until)} "
+            f"({relative(state.blocked_until, now)}), then one request goes first to learn the limits again"
+        )
+    elif state.blocked_until > now:
         status, text = "blocked", f"blocked until {utc(state.blocked_until)} ({relative(state.blocked_until, now)})"
     elif not is_open(state, now):
         status, text = "queued", "open, but the next send time is handed out in turn"
@@ -151,10 +177,30 @@ def gate_summary(state: GateState, now: float) -> tuple[str, str, dict[str, str]
         "Quota resets": f"{utc(state.reset_at)} {relative(state.reset_at, now)}".strip() if state.reset_at else "–",
         "Pacing interval": f"{state.interval:.3f} s per request" if state.interval else "none",
         "Queued tickets": str(len(pending)),
-        "API": state.origin or "–",
+        "API": redact_url(state.origin) if state.origin else "–",
         "Updated": f"{utc(state.updated_at)} {relative(state.updated_at, now)}".strip() if state.updated_at else "–",
     }
+    if state.damaged is not None:
+        fields = {"Damaged": state.damaged, **fields}
     return status, text, fields
+
+
+def readable_waits(raw: str | None, now: float) -> tuple[list[dict[str, Any]], int]:
+    """The stored waits that can be drawn (times from 1970 to the horizon after ``now``),
+    their URLs redacted, and how many were left out."""
+    try:
+        waits = wait_history.parse(raw)
+    except Exception:  # e.g. a 400-digit number: float() overflows
+        return [], 1
+    latest = now + HORIZON_SECONDS
+    kept = [
+        {**wait, "url": redact_url(wait["url"])}
+        for wait in waits
+        if all(math.isfinite(wait[name]) for name in ("at", "until", "seconds"))
+        and 0 <= wait["at"] <= latest
+        and 0 <= wait["until"] <= latest
+    ]
+    return kept, len(waits) - len(kept)
 
 
 def build_chart(waits: list[dict[str, Any]], now: float) -> Chart | None:
@@ -213,10 +259,10 @@ def build_chart(waits: list[dict[str, Any]], now: float) -> Chart | None:
 
 
 def connection_view(conn: str, gate_raw: str | None, waits_raw: str | None, now: float) -> ConnectionView:
-    state = GateState.from_json(gate_raw)
+    state = GateState.from_json(gate_raw, now=now)
     status, text, fields = gate_summary(state, now)
     pending = sorted((at, ticket) for ticket, at in state.tickets.items() if at > now)
-    waits = wait_history.parse(waits_raw)
+    waits, skipped = readable_waits(waits_raw, now)
     table = [
         {
             "at": utc(wait["at"]),
@@ -242,16 +288,38 @@ def connection_view(conn: str, gate_raw: str | None, waits_raw: str | None, now:
         waits=table,
         chart=build_chart(waits, now),
         wait_count=len(waits),
-        state=asdict(state),
+        state={**asdict(state), "origin": redact_url(state.origin)},
         recent_waits=waits,
+        damaged=state.damaged,
+        skipped_waits=skipped,
+    )
+
+
+def unshowable_view(conn: str) -> ConnectionView:
+    """What stands for a connection whose data made the view fail: its name and a note."""
+    return ConnectionView(
+        conn=conn,
+        status="damaged",
+        status_text="this connection's stored data could not be shown (see the API server log)",
+        gate={},
+        tickets=[],
+        more_tickets=0,
+        waits=[],
+        chart=None,
+        wait_count=0,
+        damaged="could not be shown",
     )
 
 
 def page_data(values: dict[str, str | None], now: float) -> list[ConnectionView]:
-    return [
-        connection_view(conn, gate_raw, waits_raw, now)
-        for conn, (gate_raw, waits_raw) in connections_from_variables(values).items()
-    ]
+    views = []
+    for conn, (gate_raw, waits_raw) in connections_from_variables(values).items():
+        try:
+            views.append(connection_view(conn, gate_raw, waits_raw, now))
+        except Exception:  # one connection's data must not take the page (and the others) down
+            log.exception("Rate limits page: could not show the stored data of connection %s", conn)
+            views.append(unshowable_view(conn))
+    return views
 
 
 def as_json(view: ConnectionView) -> dict[str, Any]:
@@ -260,6 +328,8 @@ def as_json(view: ConnectionView) -> dict[str, Any]:
         "conn": view.conn,
         "status": view.status,
         "status_text": view.status_text,
+        "damaged": view.damaged,
         "gate": view.state,
         "recent_waits": view.recent_waits,
+        "skipped_waits": view.skipped_waits,
     }

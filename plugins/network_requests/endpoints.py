@@ -163,6 +163,41 @@ def _masked_pairs(text: str, sensitive: frozenset[str]) -> str:
     return "".join(pieces)
 
 
+def sensitive_query_values(url: str) -> list[str]:
+    """The (percent-decoded) values ``redact_url`` would mask in ``url``'s query and fragment."""
+    if not isinstance(url, str):
+        return []
+    rest, _, fragment = url.partition("#")
+    query = rest.partition("?")[2]
+    sensitive = airflow_sensitive_names() | EXTRA_SENSITIVE_NAMES
+    values = []
+    for text in (query, fragment):
+        for pair in _PAIR_SEPARATORS.split(text)[::2]:
+            name, equals, value = pair.partition("=")
+            if equals and value and is_sensitive_name(unquote_plus(name), sensitive):
+                values.extend(dict.fromkeys((value, unquote_plus(value))))
+    return values
+
+
+def mask_query_secrets(url: str) -> None:
+    """Tell Airflow's secrets masker about the sensitive query values of ``url``.
+
+    ``redact_url`` covers what this package logs; this covers everything else in the task's
+    log: the HTTP hook's and urllib3's own debug lines quote the full URL. Airflow then
+    masks each value wherever it appears (values shorter than ``[logging]
+    min_length_masked_secret`` excepted: Airflow masks none of those).
+    """
+    values = sensitive_query_values(url)
+    if not values:
+        return
+    try:
+        from airflow.sdk.log import mask_secret
+    except ImportError:
+        from airflow.sdk.execution_time.secrets_masker import mask_secret
+    for value in values:
+        mask_secret(value)
+
+
 def redact_url(url: str) -> str:
     """``url`` safe to log or show: no user info, sensitive query values masked.
 

@@ -2,7 +2,8 @@
 
 This module is also the plugin's **listener** (Airflow listener hookimpls): when a task
 process starts a task, it subscribes :func:`on_event` (and the wait history, see
-:mod:`network_requests.wait_history`) to the operator's events. Every attempt and every
+:mod:`network_requests.wait_history`) to the operator's events, and registers the
+sensitive query values of the rendered ``endpoint`` with Airflow's secrets masker. Every attempt and every
 wait of a ``NetworkRequestOperator`` then becomes metrics, sent from the task process with
 the Task SDK's stats module (``airflow.sdk.observability.stats``): the task runner
 initialises it from ``[metrics]`` before the task runs, exactly as for Airflow's own
@@ -42,6 +43,7 @@ from datetime import timedelta
 from typing import Any
 
 from network_requests import events
+from network_requests.endpoints import mask_query_secrets
 from network_requests.events import AttemptEvent, Event, GateUpdateFailedEvent, WaitEvent
 
 log = logging.getLogger(__name__)
@@ -178,3 +180,19 @@ def on_starting(component: Any) -> None:
 @hookimpl
 def on_task_instance_running(previous_state: Any, task_instance: Any) -> None:
     install()
+    mask_endpoint_secrets(getattr(task_instance, "task", None))
+
+
+def mask_endpoint_secrets(task: Any) -> None:
+    """Register the sensitive query values of a rendered task's ``endpoint`` with Airflow's masker.
+
+    Called once the templates are rendered, before ``execute``: from then on Airflow masks
+    them in every line of the task log, the HTTP client's own debug lines included.
+    """
+    endpoint = getattr(task, "endpoint", None)
+    if not isinstance(endpoint, str):
+        return
+    try:
+        mask_query_secrets(endpoint)
+    except Exception:
+        log.warning("Could not register the endpoint's query secrets with Airflow's masker", exc_info=True)

@@ -5,6 +5,9 @@ included, initial delays not) to a ring buffer kept in the Airflow Variable
 ``network_requests.waits.<conn_id>``: a JSON list of the last :data:`MAX_WAITS` waits,
 oldest first, written from the task process through the Task SDK (``airflow.sdk.Variable``).
 
+Every URL goes through ``redact_url`` when it is stored and again when it is read (the
+operator already redacts it; an entry written by an older version is shown safely too).
+
 Observing never changes the outcome: a failing read or write is logged and the task goes
 on. The read-modify-write is serialised between processes of one host by a file lock; two
 hosts appending at the very same moment may lose one entry, which only thins the chart.
@@ -19,6 +22,7 @@ import re
 from datetime import datetime
 from typing import Any
 
+from network_requests.endpoints import redact_url
 from network_requests.events import Event, WaitEvent
 from network_requests.gate_store import fresh_variable, host_lock
 
@@ -44,7 +48,7 @@ def entry_of(event: WaitEvent) -> dict[str, Any]:
         "source": str(event.source),
         "mode": str(event.mode),
         "task": str(event.task)[:250],
-        "url": str(event.url)[:500],
+        "url": redact_url(str(event.url))[:500],
     }
 
 
@@ -74,7 +78,8 @@ def parse(raw: str | None) -> list[dict[str, Any]]:
                 "source": str(item.get("source") or ""),
                 "mode": str(item.get("mode") or ""),
                 "task": str(item.get("task") or ""),
-                "url": str(item.get("url") or ""),
+                # Again on the way out: an entry stored by an older version is shown safely too.
+                "url": redact_url(str(item.get("url") or "")),
             }
         except (KeyError, TypeError, ValueError):
             continue

@@ -488,11 +488,16 @@ def _admit(state: GateState, ticket: str, now: float, back_at: Callable[[float],
     held = state.tickets.get(ticket)
     if held is not None:
         if held <= now and state.blocked_until <= now:
-            return _send_now(_release(state, ticket, now), ticket, now)
-        if state.blocked_until <= held:
+            state = _release(state, ticket, now)
+            if state.remaining is not None or state.observed_at:
+                return _send_now(state, ticket, now)
+            # Held through a block while nothing was known about the API (a damaged state's
+            # block): the holders don't all go at once, the probe rule below lets one first.
+        elif state.blocked_until <= held:
             return Admission(send_at=held, reason="waiting for its turn at the shared gate", state=state)
-        # The gate closed past our time: queue again from blocked_until.
-        state = _release(state, ticket, now)
+        else:
+            # The gate closed past our time: queue again from blocked_until.
+            state = _release(state, ticket, now)
 
     start = max(now, state.blocked_until)
     if state.remaining is None and not state.observed_at and start <= now:

@@ -362,9 +362,20 @@ class TestOriginAndJson:
             tickets={"dag|run|task|-1": NOW + 6, "dag|run|task|3": NOW + 7.25},
             updated_at=NOW,
             origin=ORIGIN,
+            observed_at=NOW - 1,
+            probe_until=NOW + 3,
+            window_first_seen=NOW - 2,
+            window_seconds=62.0,
+            in_flight={"dag|run|task|4": NOW - 0.5},
         )
+        # Every stored field is set (a field the reader forgot would come back as its default).
+        stored = json.loads(state.to_json())
+        assert all(stored[name] != GateState.__dataclass_fields__[name].default for name in stored if name not in (
+            "tickets", "in_flight"
+        ))
+        assert set(stored) == set(GateState.__dataclass_fields__) - {"damaged"}
         assert GateState.from_json(state.to_json(), now=NOW) == state
-        assert json.loads(state.to_json())["origin"] == ORIGIN
+        assert stored["origin"] == ORIGIN
 
     @pytest.mark.parametrize("raw", [None, "", b""])
     def test_nothing_stored_is_a_fresh_gate(self, raw):
@@ -564,6 +575,18 @@ class TestFailSafe:
         second = admit(first.state, "b", now=after)
         assert first.send_at == after
         assert second.send_at > after, "b waits for what a learns"
+
+    def test_tasks_that_waited_out_the_conservative_block_do_not_all_go_at_once(self):
+        state = GateState.from_json("not json", now=NOW)
+        end = NOW + DAMAGED_STATE_BLOCK_SECONDS
+        times, state = admit_all(state, ["a", "b", "c"], now=NOW + 1)
+        assert times == [end] * 3
+
+        first = admit(state, "a", now=end)
+        second = admit(first.state, "b", now=end + 0.1)
+        assert first.send_at == end
+        assert end + 0.1 < second.send_at <= end + 0.1 + RECHECK_SECONDS, "b waits for what a learns"
+        assert "b" not in second.state.tickets
 
     def test_the_block_of_a_damaged_state_holds_for_its_connection_when_its_origin_is_unreadable(self):
         state = GateState.from_json('{"origin": 7, "blocked_until": %s}' % (NOW + 90), now=NOW)
@@ -901,9 +924,13 @@ def assert_bounded(state: GateState, now: float) -> None:
 
 
 @PROPERTY_SETTINGS
-@given(operations=st.lists(st.one_of(_OBSERVE, _ADMIT), max_size=40))
-def test_any_sequence_of_observations_and_admissions_keeps_the_gates_invariants(operations):
-    state = GateState(origin=ORIGIN)
+@given(
+    operations=st.lists(st.one_of(_OBSERVE, _ADMIT), max_size=40),
+    damaged=st.none() | st.sampled_from(["not json", '{"remaining": "many", "blocked_until": %r}' % (NOW + 90)]),
+)
+def test_any_sequence_of_observations_and_admissions_keeps_the_gates_invariants(operations, damaged):
+    # From a fresh gate, or from the conservative block that replaced an unreadable one.
+    state = GateState(origin=ORIGIN) if damaged is None else for_origin(GateState.from_json(damaged, now=NOW), ORIGIN)
     now = NOW
     for kind, step, payload, wait in operations:
         now += step

@@ -36,31 +36,33 @@ def validate_endpoint(endpoint: str) -> str:
 
     Refused: full URLs (``https://...``), protocol-relative ``//host``, ``@``,
     backslashes, control characters (CR/LF header injection), ``..`` segments
-    (also percent-encoded), and anything outside RFC 3986 path/query characters.
+    (also percent-encoded), and anything outside RFC 3986 path/query characters. The
+    error quotes the endpoint as ``redact_url`` shows it.
     """
     if not isinstance(endpoint, str):
         raise UnsafeEndpointError(f"endpoint must be a string, got {type(endpoint).__name__}")
+    shown = repr(redact_url(endpoint))  # error messages end up in the task log
     if any(ord(char) < 0x20 or ord(char) == 0x7F for char in endpoint):
-        raise UnsafeEndpointError(f"endpoint {endpoint!r} contains control characters (CR/LF?)")
+        raise UnsafeEndpointError(f"endpoint {shown} contains control characters (CR/LF?)")
     if "\\" in endpoint:
-        raise UnsafeEndpointError(f"endpoint {endpoint!r} contains a backslash")
+        raise UnsafeEndpointError(f"endpoint {shown} contains a backslash")
     if "@" in endpoint:
-        raise UnsafeEndpointError(f"endpoint {endpoint!r} contains '@' (credentials or another host?)")
+        raise UnsafeEndpointError(f"endpoint {shown} contains '@' (credentials or another host?)")
     if "://" in endpoint or re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*:", endpoint):
         raise UnsafeEndpointError(
-            f"endpoint {endpoint!r} is a full URL; give a path on the Connection's host, like '/api/users'"
+            f"endpoint {shown} is a full URL; give a path on the Connection's host, like '/api/users'"
         )
     if endpoint.startswith("//"):
-        raise UnsafeEndpointError(f"endpoint {endpoint!r} is protocol-relative ('//host')")
+        raise UnsafeEndpointError(f"endpoint {shown} is protocol-relative ('//host')")
     if not _SAFE_ENDPOINT.fullmatch(endpoint):
-        raise UnsafeEndpointError(f"endpoint {endpoint!r} contains characters not allowed in a URL path")
+        raise UnsafeEndpointError(f"endpoint {shown} contains characters not allowed in a URL path")
     path = endpoint.split("?", 1)[0]
     decoded = unquote(unquote(path))
     segments = re.split(r"[/\\]", decoded)
     if any(segment in ("..", ".") for segment in segments):
-        raise UnsafeEndpointError(f"endpoint {endpoint!r} contains a '..' or '.' path segment")
+        raise UnsafeEndpointError(f"endpoint {shown} contains a '..' or '.' path segment")
     if decoded.startswith("//") or "@" in decoded or "\\" in decoded:
-        raise UnsafeEndpointError(f"endpoint {endpoint!r} hides a host or '@' in percent-encoding")
+        raise UnsafeEndpointError(f"endpoint {shown} hides a host or '@' in percent-encoding")
     return endpoint
 
 

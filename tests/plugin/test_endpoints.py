@@ -312,6 +312,15 @@ def test_redact_url_masks_the_values_of_sensitive_query_parameters(url, shown):
 
 
 @pytest.mark.parametrize(
+    "endpoint", ["/items?api_key=SECRET1&x=\r\n", "/../items?token=SECRET1", "/items?token=SECRET1&next=http://evil"]
+)
+def test_a_refused_endpoint_is_quoted_without_its_query_secrets(endpoint):
+    with pytest.raises(UnsafeEndpointError) as raised:
+        validate_endpoint(endpoint)
+    assert "SECRET1" not in str(raised.value) and "=***" in str(raised.value)
+
+
+@pytest.mark.parametrize(
     "url",
     [
         pytest.param("http://h/keys/SECRET1/items", id="in-the-path"),

@@ -26,7 +26,11 @@ runner; it is a child subreaper, so orphaned task processes stay below it too):
 
 Per phase (:meth:`Sampler.begin` .. :meth:`Sampler.end`) the sampler integrates with a
 zero-order hold (each sample's state lasts until the next sample): busy slots x seconds,
-waiting slots x seconds, and keeps the peaks. The resolution is ``interval``; a state
+waiting slots x seconds, and keeps the peaks. Given the stack's *components* (the pid each
+one was started as, and its name), it also splits CPU time and RSS by component: each
+process belongs to its nearest listed ancestor, except LocalExecutor workers and their task
+processes, which form the component :data:`WORKERS` (they are the scheduler's children, but
+their cost is the tasks', not the scheduler's). The resolution is ``interval``; a state
 shorter than that may be missed or over-counted by up to one interval.
 """
 
@@ -50,6 +54,10 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 #: PSS needs /proc/<pid>/smaps_rollup, which is costlier to read: do it every Nth sample.
 PSS_EVERY = 5
 ZOMBIE = psutil.STATUS_ZOMBIE
+#: The component of LocalExecutor workers and everything below them (task processes).
+WORKERS = "workers"
+#: The component of stack processes below no listed component (e.g. an orphaned task process).
+OTHER = "other"
 
 
 @dataclass(frozen=True)
@@ -202,6 +210,51 @@ def is_sleep(wchan: str) -> bool:
     return "nanosleep" in wchan
 
 
+def component_of(table: dict[int, Proc], roots: dict[int, str], workers: set[int]) -> dict[int, str]:
+    """Each process of ``table`` -> its component: :data:`WORKERS` for a worker and the
+    processes below it, else the name in ``roots`` of its nearest ancestor there (itself
+    included), else :data:`OTHER`."""
+    found: dict[int, str] = {}
+    for pid in table:
+        chain: list[int] = []
+        current: int | None = pid
+        name = OTHER
+        while current in table and len(chain) <= len(table):  # bounded, even on a ppid cycle
+            if current in found:
+                name = found[current]
+                break
+            if current in workers:
+                name = WORKERS
+                break
+            if current in roots:
+                name = roots[current]
+                break
+            chain.append(current)
+            current = table[current].ppid
+        for member in chain:
+            found[member] = name
+        found.setdefault(pid, name)  # a listed process or a worker itself
+    return found
+
+
+def cpu_ticks_by_component(
+    before: dict[int, tuple[int, int, int]],
+    after: dict[int, tuple[int, int, int]],
+    component_before: dict[int, str],
+    component_after: dict[int, str],
+) -> dict[str, int]:
+    """:func:`cpu_ticks_between`, per component (a process that ended keeps the component it
+    had in ``before``)."""
+    names = set(component_before.values()) | set(component_after.values())
+    totals = {}
+    for name in names:
+        totals[name] = cpu_ticks_between(
+            {pid: v for pid, v in before.items() if component_before.get(pid, OTHER) == name},
+            {pid: v for pid, v in after.items() if component_after.get(pid, component_before.get(pid, OTHER)) == name},
+        )
+    return totals
+
+
 def cpu_ticks_between(before: dict[int, tuple[int, int, int]], after: dict[int, tuple[int, int, int]]) -> int:
     """CPU ticks the processes used between two samples (``pid -> (own, reaped children, ppid)``).
 
@@ -244,6 +297,11 @@ class Snapshot:
     cpu: dict[int, tuple[int, int, int]]
     system_cpu: tuple[float, float]  # (busy, total) seconds since boot
     loadavg_1m: float
+    #: pid -> component (see :func:`component_of`) for ``cpu``'s processes; empty when the
+    #: sampler was given no components
+    components: dict[int, str] = field(default_factory=dict)
+    #: component -> summed RSS of its live processes
+    rss_bytes_by_component: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -272,6 +330,9 @@ class PhaseStats:
     #: Seconds task processes spent blocked in each kernel function (top entries), so a
     #: reader can check what was, and was not, counted as waiting.
     task_wchan_seconds: dict[str, float] = field(default_factory=dict)
+    #: CPU seconds and peak RSS of each component (when the sampler knows the components).
+    cpu_s_by_component: dict[str, float] = field(default_factory=dict)
+    peak_rss_mb_by_component: dict[str, float] = field(default_factory=dict)
     #: (workload id, epoch seconds) each time a worker was first seen running a workload
     #: (at most one sample interval late). Not in :meth:`as_dict`: one entry per launch.
     pickups: list[tuple[str, float]] = field(default_factory=list)
@@ -298,6 +359,8 @@ class PhaseStats:
             "other_cpu_s": round(max(0.0, self.system_cpu_busy_s - self.stack_cpu_s), 1),
             "loadavg_1m_mean": round(self.loadavg_1m_mean, 2),
             "task_wchan_seconds": {k: round(v, 2) for k, v in self.task_wchan_seconds.items()},
+            "cpu_s_by_component": {k: round(v, 2) for k, v in sorted(self.cpu_s_by_component.items())},
+            "peak_rss_mb_by_component": {k: round(v, 1) for k, v in sorted(self.peak_rss_mb_by_component.items())},
         }
 
 
@@ -305,13 +368,22 @@ class Sampler(threading.Thread):
     """Samples the stack below ``root_pid`` every ``interval`` seconds until :meth:`stop`.
 
     ``exclude`` returns the pids whose subtrees are not part of the stack (read at every
-    sample, so it may change). :attr:`latest` is the most recent :class:`Snapshot`.
+    sample, so it may change); ``components``, when given, returns ``{pid: name}`` of the
+    processes each component was started as, likewise. :attr:`latest` is the most recent
+    :class:`Snapshot`.
     """
 
-    def __init__(self, root_pid: int, exclude: Callable[[], set[int]], interval: float = 0.2) -> None:
+    def __init__(
+        self,
+        root_pid: int,
+        exclude: Callable[[], set[int]],
+        interval: float = 0.2,
+        components: Callable[[], dict[int, str]] | None = None,
+    ) -> None:
         super().__init__(name="bench-sampler", daemon=True)
         self.root_pid = root_pid
         self.exclude = exclude
+        self.components = components
         self.interval = interval
         self.latest: Snapshot | None = None
         self._stop_event = threading.Event()
@@ -360,6 +432,7 @@ class Sampler(threading.Thread):
         stack = live_descendants(table, self.root_pid)
         children = children_map(table)
         workers = busy = waiting = 0
+        worker_pids: set[int] = set()
         workloads: dict[int, str] = {}
         task_pids: list[int] = []
         task_wchans: list[str] = []
@@ -372,6 +445,7 @@ class Sampler(threading.Thread):
             if not title.startswith(WORKER_TITLE_PREFIX) or parent_title.startswith(WORKER_TITLE_PREFIX):
                 continue
             workers += 1
+            worker_pids.add(pid)
             if title.endswith(IDLE_SUFFIX):
                 continue
             busy += 1
@@ -393,6 +467,13 @@ class Sampler(threading.Thread):
         if self._count % PSS_EVERY == 1:
             values = [read_pss_bytes(pid) for pid in stack]
             pss = sum(v for v in values if v is not None)
+        components: dict[int, str] = {}
+        rss_by_component: dict[str, int] = collections.Counter()
+        if self.components is not None:
+            cpu_table = {pid: proc for pid, proc in table.items() if pid != self.root_pid}
+            components = component_of(cpu_table, self.components(), worker_pids)
+            for pid in stack:
+                rss_by_component[components.get(pid, OTHER)] += table[pid].rss_bytes
         return Snapshot(
             at=time.time(),
             stack_pids=stack,
@@ -411,6 +492,8 @@ class Sampler(threading.Thread):
             },
             system_cpu=read_system_cpu(),
             loadavg_1m=load,
+            components=components,
+            rss_bytes_by_component=dict(rss_by_component),
         )
 
     # -- internals ------------------------------------------------------------------------
@@ -427,6 +510,9 @@ class Sampler(threading.Thread):
             phase.peak_rss_mb = max(phase.peak_rss_mb, snap.rss_bytes / 2**20)
             if snap.pss_bytes is not None:
                 phase.peak_pss_mb = max(phase.peak_pss_mb or 0.0, snap.pss_bytes / 2**20)
+            for name, rss in snap.rss_bytes_by_component.items():
+                peak = phase.peak_rss_mb_by_component.get(name, 0.0)
+                phase.peak_rss_mb_by_component[name] = max(peak, rss / 2**20)
             phase.max_busy_slots = max(phase.max_busy_slots, snap.busy_workers)
             phase.max_workers = max(phase.max_workers, snap.workers)
             phase.max_stack_processes = max(phase.max_stack_processes, len(snap.stack_pids))
@@ -441,6 +527,11 @@ class Sampler(threading.Thread):
             phase.max_sample_gap_s = max(phase.max_sample_gap_s, dt)
             phase.busy_slot_seconds += previous.busy_workers * dt
             phase.stack_cpu_s += cpu_ticks_between(previous.cpu, snap.cpu) / CLOCK_TICKS
+            if snap.components:
+                by_component = cpu_ticks_by_component(previous.cpu, snap.cpu, previous.components, snap.components)
+                for name, ticks in by_component.items():
+                    spent = phase.cpu_s_by_component.get(name, 0.0)
+                    phase.cpu_s_by_component[name] = spent + ticks / CLOCK_TICKS
             phase.system_cpu_busy_s += snap.system_cpu[0] - previous.system_cpu[0]
             phase.system_cpu_total_s += snap.system_cpu[1] - previous.system_cpu[1]
             phase.slot_seconds_waiting += previous.waiting_slots * dt

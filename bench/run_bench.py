@@ -237,8 +237,17 @@ class Stack:
             "api-server": ["api-server", "--host", "127.0.0.1", "--port", str(self.api_port)],
         }
         for name, args in commands.items():
-            self.components[name] = self._spawn(name, [str(airflow), *args], self.env)
+            self.components[name] = self._spawn(name, [str(airflow), *args], self.component_env(name))
         log(f"started {', '.join(commands)}; API on http://127.0.0.1:{self.api_port}")
+
+    def component_env(self, name: str) -> dict[str, str]:
+        """The environment of the component ``name``: :meth:`airflow_env`'s, the same for all
+        (a subclass may add a probe to one component)."""
+        return self.env
+
+    def component_roots(self) -> dict[int, str]:
+        """``{pid: name}`` of the Airflow components started so far (for the sampler)."""
+        return {proc.pid: name for name, proc in self.components.items()}
 
     def check_alive(self) -> None:
         for name, proc in self.components.items():
@@ -452,7 +461,10 @@ class Bench:
         """Start everything and measure the idle stack; returns the idle measurements."""
         self.stack.start_server()
         self.server = BenchServer(self.stack.server_port)
-        self.sampler = Sampler(os.getpid(), self.stack.excluded_from_stack, interval=self.args.sample_interval)
+        self.sampler = Sampler(
+            os.getpid(), self.stack.excluded_from_stack, interval=self.args.sample_interval,
+            components=self.stack.component_roots,
+        )  # fmt: skip
         self.sampler.start()
         started = time.monotonic()
         self.stack.start_airflow()
@@ -612,6 +624,8 @@ class Bench:
             "max_stack_processes": phase["max_stack_processes"],
             "max_sample_gap_s": phase["max_sample_gap_s"],
             "stack_cpu_s": phase["stack_cpu_s"],
+            "cpu_s_by_component": phase["cpu_s_by_component"],
+            "peak_rss_mb_by_component": phase["peak_rss_mb_by_component"],
             "other_cpu_s": phase["other_cpu_s"],
             "system_cpu_busy_pct": phase["system_cpu_busy_pct"],
             "loadavg_1m_mean": phase["loadavg_1m_mean"],

@@ -131,7 +131,9 @@ def test_the_listener_records_rate_limit_waits_in_the_wait_history(request, scri
     assert wait["mode"] == "reschedule"
     assert wait["task"] == f"{dag_id}.fetch"
     assert wait["url"] == f"{scripted_api.base_url}/api/orders"
-    assert wait["until"] - wait["at"] == pytest.approx(1.0, abs=0.2)
+    # "until" is counted from the response, "at" is when the wait was recorded: on a busy
+    # machine a little of the second has gone by then, never more than the whole.
+    assert 0 < wait["until"] - wait["at"] <= wait["seconds"] + 0.01
 
 
 def test_a_failing_history_write_never_fails_the_task(request, scripted_api, monkeypatch):

@@ -133,6 +133,7 @@ def stop_processes(
     term_again_after: float | None = None,
     kill_now: Callable[[], bool] = lambda: False,
     on_kill: Callable[[list[psutil.Process]], None] = lambda _left: None,
+    ignores_sigterm: Callable[[psutil.Process], bool] = lambda _process: False,
 ) -> list[psutil.Process]:
     """SIGTERM ``processes``, wait up to ``timeout`` seconds, then SIGKILL what is left.
     Returns the processes still alive after that (normally none).
@@ -141,7 +142,9 @@ def stop_processes(
     that environment variable, are stopped with them. ``term_again_after`` sends a second
     SIGTERM after that many seconds (an Airflow scheduler waits for its running tasks on the
     first one). ``kill_now()`` returning True skips the rest of the grace period (a second
-    Ctrl-C). ``on_kill`` is told which processes are about to get SIGKILL.
+    Ctrl-C). ``on_kill`` is told which processes are about to get SIGKILL. A process for
+    which ``ignores_sigterm`` is true gets SIGKILL at once: waiting for it would only use up
+    the grace period.
     """
     known = set(processes)
 
@@ -160,8 +163,10 @@ def stop_processes(
         if term_again_at is not None and time.monotonic() >= term_again_at:
             termed.clear()
             term_again_at = None
-        signal_all([p for p in left if p not in termed], signal.SIGTERM)  # and what was born since
-        termed.update(left)
+        new = [p for p in left if p not in termed]  # all at first, then what was born since
+        signal_all([p for p in new if ignores_sigterm(p)], signal.SIGKILL)
+        signal_all([p for p in new if not ignores_sigterm(p)], signal.SIGTERM)
+        termed.update(new)
         time.sleep(POLL_SECONDS)
     if left:
         on_kill(left)

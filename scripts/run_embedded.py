@@ -35,10 +35,13 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import psutil  # noqa: E402
+
 from scripts import process_tree  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent  # not resolved: it must stay the venv's bin/
 GRACE_SECONDS = 15  # how long Airflow gets to stop after SIGTERM before SIGKILL
+LOCAL_EXECUTOR_WORKER_TITLE = "airflow worker -- LocalExecutor"  # airflow/executors/local_executor.py
 
 
 def airflow_env(environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -238,12 +241,29 @@ class Stack:
 
     def stop_processes(self, processes) -> None:
         force_at = self.signals + 1
+
+        def announce(left) -> None:
+            names = ", ".join(f"{p.pid} {process_tree.command_line(p)[:60]!r}" for p in left)
+            print(f"[run] killing what is left: {names}", flush=True)
+
         process_tree.stop_processes(
             processes,
             timeout=GRACE_SECONDS,
             kill_now=lambda: self.signals >= force_at,
-            on_kill=lambda _left: print("[run] killing what is left", flush=True),
+            on_kill=announce,
+            ignores_sigterm=orphaned_local_executor_worker,
         )
+
+
+def orphaned_local_executor_worker(process) -> bool:
+    """A LocalExecutor worker whose scheduler is gone (it was re-parented to this script, e.g.
+    after the scheduler was killed). It ignores SIGTERM: it inherited the scheduler's handler,
+    which acts in the scheduler only (SchedulerJobRunner._exit_gracefully), and no scheduler is
+    left to tell it to stop. Without this, stopping after a scheduler crash waits GRACE_SECONDS."""
+    try:
+        return process.ppid() == os.getpid() and process_tree.command_line(process).startswith(LOCAL_EXECUTOR_WORKER_TITLE)
+    except psutil.Error:
+        return False
 
 
 def main() -> int:

@@ -95,24 +95,42 @@ def test_stop_tree_without_the_marker_leaves_the_orphan_running(tree: Tree):
     assert process_tree.is_alive(tree.orphan)
 
 
-def test_a_process_that_ignores_sigterm_is_killed_after_the_timeout():
-    ignorer = subprocess.Popen(
+@pytest.fixture
+def sigterm_ignorer() -> Iterator[subprocess.Popen]:
+    process = subprocess.Popen(
         [sys.executable, "-c", "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
          "print('ready', flush=True); time.sleep(300)"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        assert ignorer.stdout.readline().strip() == "ready"
-
-        left = stop_processes([psutil.Process(ignorer.pid)], timeout=1)
-
-        assert left == []
-        assert ignorer.wait(timeout=5) == -signal.SIGKILL
+        assert process.stdout.readline().strip() == "ready"
+        yield process
     finally:
-        if ignorer.poll() is None:
-            ignorer.kill()
-            ignorer.wait()
-        ignorer.stdout.close()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+
+
+def test_a_process_that_ignores_sigterm_is_killed_after_the_timeout(sigterm_ignorer: subprocess.Popen):
+    told = []
+
+    left = stop_processes([psutil.Process(sigterm_ignorer.pid)], timeout=1, on_kill=told.extend)
+
+    assert left == []
+    assert [p.pid for p in told] == [sigterm_ignorer.pid]  # it outlasted the grace period
+    assert sigterm_ignorer.wait(timeout=5) == -signal.SIGKILL
+
+
+def test_a_process_known_to_ignore_sigterm_is_killed_without_waiting_out_the_grace_period(sigterm_ignorer):
+    told = []
+
+    left = stop_processes(
+        [psutil.Process(sigterm_ignorer.pid)], timeout=60, on_kill=told.extend, ignores_sigterm=lambda _p: True
+    )
+
+    assert left == [] and told == []  # gone before the grace period ended
+    assert sigterm_ignorer.wait(timeout=5) == -signal.SIGKILL
 
 
 def test_a_marker_in_the_callers_own_environment_spares_the_caller_and_its_parent():

@@ -43,6 +43,17 @@ test-reliability: venv
 bench: venv
 	$(BIN)/python bench/run_bench.py $(BENCH_ARGS)
 
+# How the cost grows with N (issue 12): 60, 600 and 3,000 requests at 10/s, each strategy on a
+# fresh stack (bench/README.md, "Growth with N"); over an hour. Installs matplotlib for the plot.
+# BENCH_SCALE_ARGS="--sizes 60 --strategies urllib3_retry" runs a part.
+.PHONY: bench-scale
+bench-scale: venv $(VENV)/.bench-installed
+	$(BIN)/python bench/run_scale.py $(BENCH_SCALE_ARGS)
+
+$(VENV)/.bench-installed: requirements-bench.txt constraints.txt | $(BIN)/python
+	$(BIN)/python -m pip install -r requirements-bench.txt -c constraints.txt
+	touch $@
+
 # Re-resolve every pin in a throwaway venv and write them to constraints.txt, keeping its
 # two-line header comment.
 constraints:

@@ -2,7 +2,7 @@
 
 * Every listening socket of the stack's processes (the launcher and everything below it:
   ``airflow standalone``, its components, the LocalExecutor workers, the demo API) is bound
-  to 127.0.0.1, as ``ss`` reports it.
+  to 127.0.0.1, as the kernel reports it (through psutil).
 * The admin password is in its 0600 file only: never in what ``make run`` printed (every
   start of this session, restarts included) and in no git-tracked file; ``make run``'s
   AIRFLOW_HOME (``.airflow/``) is git-ignored.

@@ -44,7 +44,7 @@ bench: venv
 	$(BIN)/python bench/run_bench.py $(BENCH_ARGS)
 
 # How the cost grows with N (issue 12): 60, 600 and 3,000 requests at 10/s, each strategy on a
-# fresh stack (bench/README.md, "Growth with N"); over an hour. Installs matplotlib for the plot.
+# fresh stack (bench/README.md, "Growth with N"); about an hour. Installs matplotlib for the plot.
 # BENCH_SCALE_ARGS="--sizes 60 --strategies urllib3_retry" runs a part.
 .PHONY: bench-scale
 bench-scale: venv $(VENV)/.bench-installed

@@ -152,6 +152,14 @@ ROW_KEYS = (
 STATUSES = ("finished", "timed_out", "error", "skipped")
 
 
+def shown_path(path: Path) -> str:
+    """``path`` relative to the repository when it is inside (results carry no machine's paths)."""
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def module_exists(dotted: str) -> bool:
     """Whether ``plugins/<dotted path>`` is a module or package, found without importing its
     parent package (``network_requests/__init__`` imports Airflow)."""
@@ -353,7 +361,7 @@ def make_row(
     notes = [error] if error else []
     notes += [p for p in problems if p != error]
     if metrics is None:
-        row.update(status="error", note="; ".join(notes) or None, details={"idle": idle, "run_dir": str(run_dir)})
+        row.update(status="error", note="; ".join(notes) or None, details={"idle": idle, "run_dir": shown_path(run_dir)})
         return row
     cpu = metrics.get("cpu_s_by_component") or {}
     rss = metrics.get("peak_rss_mb_by_component") or {}
@@ -400,7 +408,7 @@ def make_row(
             "partial_makespan_s": partial_makespan,
             "idle": idle,
             "task_settings": task_settings,
-            "run_dir": str(run_dir),
+            "run_dir": shown_path(run_dir),
         },
     )
     return row
@@ -488,11 +496,11 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
         axes.set_xlabel("N requests (log)")
         axes.set_title(title)
         axes.grid(True, which="both", alpha=0.3)
-        axes.set_ylim(bottom=0)
+        axes.set_ylim(0, axes.get_ylim()[1] * 1.2)  # room above the highest point for the legend
     ratio_axes.axhline(1.0, color="grey", linestyle="--", linewidth=1)
     handles, labels = ratio_axes.get_legend_handles_labels()
     if handles:
-        ratio_axes.legend(handles, labels, fontsize="small")
+        ratio_axes.legend(handles, labels, fontsize="small", loc="lower left")
     config = results["config"]
     figure.suptitle(
         f"N GET requests at {config['rate_per_s']:g}/s (token bucket), LocalExecutor with {config['parallelism']} slots, "
@@ -607,7 +615,7 @@ def new_results(options: argparse.Namespace, started_at: dt.datetime, run_dir: P
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
         "started_at": started_at.isoformat(timespec="seconds"),
         "wall_time_s": None,
-        "run_dir": str(run_dir),
+        "run_dir": shown_path(run_dir),
     }
 
 

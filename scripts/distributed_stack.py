@@ -19,12 +19,18 @@ What it does (docs/distributed.md has the mapping to the Compose services):
   ``airflow celery worker`` processes (``worker-a``, ``worker-b``; the workers once the API
   server answers, as in Compose), each in its own session and process group under a small
   supervisor, with output in ``$AIRFLOW_HOME/stack-logs/<name>.log``;
+* gives every component its own ``TMPDIR`` (``$AIRFLOW_HOME/tmp/<name>``), as separate
+  containers have: nothing may rely on a file lock shared between the workers and the
+  triggerer. The shared rate-limit gate is the Redis store
+  (``AIRFLOW__NETWORK_REQUESTS__GATE_STORE=redis``, Connection ``redis_default`` on the
+  stack's Redis database), as in docker-compose.yaml;
 * waits until ``/api/v2/monitor/health`` reports every component healthy and both Celery
   workers answer a ping;
 * at exit sends SIGTERM to each component (workers first), SIGKILL after a grace period. The
   supervisor of each component is a child subreaper, so task processes (which Airflow puts
   into process groups of their own) and orphans end up below it and are stopped too; the
-  stack then checks that no process it ever saw is still running.
+  stack then checks that no process it ever saw is still running. Processes are found with
+  psutil through ``scripts/process_tree.py``.
 
 The ``DistributedStack`` object gives tests what they need: ``token()``, ``rest()``, ``cli()``,
 ``wait_for_run()``, ``task_instances()``, ``celery_control()``...
@@ -35,8 +41,9 @@ Each worker gets its own free port for it (``[logging] worker_log_server_port``)
 scheduler and the triggerer run with ``--skip-serve-logs``: with the CeleryExecutor they
 serve no task logs, and their servers would clash on the same default ports.
 
-Stdlib only at import time (``scripts/distributed_hostname.py`` too); psycopg2, redis and
-celery come from the project's venv and are imported when needed.
+Stdlib and psutil (``scripts/process_tree.py``) at import time; ``scripts/distributed_hostname.py``
+is stdlib only. psycopg2, redis and celery come from the project's venv and are imported when
+needed.
 """
 
 from __future__ import annotations
@@ -61,6 +68,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psutil
+import process_tree
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS_DIR = REPO / "scripts"
@@ -146,7 +156,6 @@ def check_celery_compatible(python: str = sys.executable, env: Mapping[str, str]
 # --------------------------------------------------------------------------
 
 PR_SET_PDEATHSIG = 1
-PR_SET_CHILD_SUBREAPER = 36
 
 
 def _prctl(option: int, value: int) -> bool:
@@ -156,66 +165,6 @@ def _prctl(option: int, value: int) -> bool:
         return ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
-
-
-def process_table() -> dict[int, tuple[int, str, int]]:
-    """{pid: (ppid, state, start time in clock ticks)} for every process in /proc."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path("/proc", entry, "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rpartition(")")[2].split()  # state, ppid, pgrp, ... starttime is the 20th
-        table[int(entry)] = (int(fields[1]), fields[0], int(fields[19]))
-    return table
-
-
-def descendants(root: int, table: dict[int, tuple[int, str, int]] | None = None) -> list[int]:
-    """Every live (non-zombie) process below ``root``."""
-    table = process_table() if table is None else table
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _state, _start) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    found, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            todo.append(child)
-            if table[child][1] != "Z":
-                found.append(child)
-    return found
-
-
-def still_running(snapshot: Mapping[int, int]) -> list[int]:
-    """PIDs of ``{pid: start time}`` still alive as the same process (not zombies)."""
-    table = process_table()
-    return [pid for pid, start in snapshot.items() if pid in table and table[pid][2] == start and table[pid][1] != "Z"]
-
-
-def processes_with_marker(stack_id: str) -> list[int]:
-    """PIDs (not zombies) whose environment still holds ``STACK_ID_ENV=stack_id`` (best effort:
-    processes that called setproctitle no longer show it)."""
-    needle = f"{STACK_ID_ENV}={stack_id}".encode()
-    found = []
-    me = os.getpid()
-    for pid, (_ppid, state, _start) in process_table().items():
-        if pid == me or state == "Z":
-            continue
-        try:
-            environ = Path("/proc", str(pid), "environ").read_bytes()
-        except OSError:
-            continue
-        if needle in environ.split(b"\0"):
-            found.append(pid)
-    return found
-
-
-def _signal_pids(pids: Iterable[int], sig: int) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, sig)
 
 
 def _reap() -> dict[int, int]:
@@ -235,7 +184,7 @@ def supervise(command: list[str], grace: float, owner: int | None = None) -> int
     """Run ``command`` as a child; on SIGTERM/SIGINT/SIGHUP (or when ``owner`` dies) pass
     SIGTERM on, SIGKILL it ``grace`` seconds later. Once it has exited, stop everything
     that is still below this process (SIGTERM, SIGKILL 5 s later) and return its exit code."""
-    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    process_tree.become_subreaper()
     _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     stop_requested: list[float] = []
 
@@ -264,21 +213,22 @@ def supervise(command: list[str], grace: float, owner: int | None = None) -> int
             code = reaped[child]
             break
         if stop_requested and not forwarded:
-            _signal_pids([child], signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGTERM)
             forwarded = True
         if stop_requested and not killed and time.monotonic() - stop_requested[0] > grace:
-            _signal_pids([child, *descendants(me)], signal.SIGKILL)
+            process_tree.signal_all(process_tree.descendants(me), signal.SIGKILL)
             killed = True
         time.sleep(0.1)
-    rest = descendants(me)
+    rest = process_tree.descendants(me)
     if rest:
-        _signal_pids(rest, signal.SIGTERM)
+        process_tree.signal_all(rest, signal.SIGTERM)
         deadline = time.monotonic() + 5
-        while descendants(me) and time.monotonic() < deadline:
+        while process_tree.descendants(me) and time.monotonic() < deadline:
             _reap()
             time.sleep(0.1)
-        while rest := descendants(me):
-            _signal_pids(rest, signal.SIGKILL)
+        while rest := process_tree.descendants(me):
+            process_tree.signal_all(rest, signal.SIGKILL)
             _reap()
             time.sleep(0.1)
     _reap()
@@ -373,7 +323,7 @@ class DistributedStack:
         self._celery_app: Any = None
         self._stopped = False
         self.leftover_processes: list[int] = []
-        self._pids_seen: dict[int, int] = {}  # pid -> start time, of every process of the stack seen
+        self._seen: set[psutil.Process] = set()  # every process of the stack seen (pid + start time)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -561,8 +511,18 @@ class DistributedStack:
         return f"redis://{self.redis_host}:{self.redis_port}/{self.redis_db}"
 
     @property
+    def gate_redis_uri(self) -> str:
+        """The ``redis_default`` Connection of the Redis gate store: the stack's own Redis database."""
+        return f"redis://{self.redis_host}:{self.redis_port}/?db={self.redis_db}"
+
+    @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.api_port}"
+
+    def tmpdir(self, component: str) -> Path:
+        """The component's own TMPDIR, as a container of its own would have."""
+        assert self.home is not None
+        return self.home / "tmp" / component
 
     @property
     def data_dir(self) -> Path:
@@ -636,6 +596,10 @@ class DistributedStack:
             # New DAG files are noticed within 10 s (default 5 min).
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
             "NETWORK_REQUESTS_DATA_DIR": str(self.data_dir),
+            # The shared rate-limit gate in Redis, atomic across the workers and the triggerer
+            # (the Variable store is correct on one host only; docs/distributed.md).
+            "AIRFLOW__NETWORK_REQUESTS__GATE_STORE": "redis",
+            "AIRFLOW_CONN_REDIS_DEFAULT": self.gate_redis_uri,
             **self.extra_env,
         }
 
@@ -667,12 +631,13 @@ class DistributedStack:
 
     def _spawn(self, name: str, args: list[str], extra_env: Mapping[str, str]) -> Component:
         assert self.home is not None
+        self.tmpdir(name).mkdir(parents=True, exist_ok=True)
         component = Component(
             name=name,
             args=[sys.executable, str(Path(__file__).resolve()), SUPERVISE_COMMAND,
                   "--grace", str(self.stop_grace), "--owner", str(os.getpid()),
                   "--", *self.airflow_command, *args],  # fmt: skip
-            env={**self.env, **extra_env},
+            env={**self.env, "TMPDIR": str(self.tmpdir(name)), **extra_env},
             log_path=self.home / "stack-logs" / f"{name}.log",
         )
         with open(component.log_path, "ab") as output:
@@ -685,7 +650,8 @@ class DistributedStack:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # own session and process group
             )
-        self._pids_seen[component.proc.pid] = process_table().get(component.proc.pid, (0, "", 0))[2]
+        with contextlib.suppress(psutil.Error):
+            self._seen.add(psutil.Process(component.proc.pid))
         self.components[name] = component
         return component
 
@@ -740,11 +706,9 @@ class DistributedStack:
 
     def _note_processes(self) -> None:
         """Remember every process now below a component (for the no-orphans check at the end)."""
-        table = process_table()
         for component in self.components.values():
             if component.proc is not None:
-                for pid in descendants(component.proc.pid, table):
-                    self._pids_seen[pid] = table[pid][2]
+                self._seen.update(process_tree.descendants(component.proc.pid))
 
     def _stop_processes(self) -> None:
         """Stop the components, workers first; no process of the stack may outlive this.
@@ -782,18 +746,18 @@ class DistributedStack:
         for proc in procs:
             if proc.poll() is None:
                 log(f"supervisor {proc.pid} did not stop: killing its process tree")
-                _signal_pids([proc.pid, *descendants(proc.pid)], signal.SIGKILL)
+                process_tree.signal_all(process_tree.tree(proc.pid), signal.SIGKILL)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=10)
-        leftovers = sorted(set(still_running(self._pids_seen)) | set(processes_with_marker(self.stack_id)))
+        leftovers = process_tree.alive([*self._seen, *process_tree.processes_with_env(STACK_ID_ENV, self.stack_id)])
         if leftovers:
-            log(f"killing {len(leftovers)} process(es) that outlived their supervisor: {leftovers}")
-            _signal_pids(leftovers, signal.SIGKILL)
+            log(f"killing {len(leftovers)} process(es) that outlived their supervisor: {[p.pid for p in leftovers]}")
+            process_tree.signal_all(leftovers, signal.SIGKILL)
             deadline = time.monotonic() + 10
-            while still_running(self._pids_seen) and time.monotonic() < deadline:
+            while process_tree.alive(leftovers) and time.monotonic() < deadline:
                 time.sleep(0.2)
-        self.leftover_processes = leftovers
-        self.processes_seen = len(self._pids_seen)
+        self.leftover_processes = [process.pid for process in leftovers]
+        self.processes_seen = len(self._seen)
 
     def stop_component(self, name: str, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
         """Stop one component (its process group) and wait for it; returns its exit code."""
@@ -806,7 +770,7 @@ class DistributedStack:
         try:
             return proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            _signal_pids([proc.pid, *descendants(proc.pid)], signal.SIGKILL)
+            process_tree.signal_all(process_tree.tree(proc.pid), signal.SIGKILL)
             return proc.wait(timeout=10)
 
     def tail_logs(self, lines: int = 40) -> str:
@@ -938,6 +902,10 @@ class DistributedStack:
                 ti["tries"] = answer.json()["task_instances"] if answer.ok else []
         return sorted(instances, key=lambda ti: (ti["task_id"], ti["map_index"]))
 
+    def redis(self):
+        """A redis-py client on the stack's own Redis database (the broker's and the gate's)."""
+        return self._redis(self.redis_db)
+
     def celery_control(self):
         """``celery.app.control.Control`` on this stack's broker (ping, add_consumer, cancel_consumer...)."""
         if self._celery_app is None:
@@ -959,8 +927,7 @@ class DistributedStack:
 
     def process_count(self) -> int:
         """How many processes run below the components now (supervisors included)."""
-        table = process_table()
-        return sum(1 + len(descendants(c.proc.pid, table)) for c in self.components.values() if c.alive())
+        return sum(len(process_tree.tree(c.proc.pid)) for c in self.components.values() if c.alive())
 
 
 # --------------------------------------------------------------------------

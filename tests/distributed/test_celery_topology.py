@@ -18,6 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from tests.support.scripted_api import ScriptedResponse
@@ -229,3 +230,35 @@ def test_one_off_runs_from_cli_and_rest_and_invalid_params_refused_by_both(stack
     assert headline.startswith("Invalid input for param endpoint: 'https://evil.example/x'"), headline
     assert headline in refused_cli.stderr, refused_cli.stderr[-3000:]
     assert len(stack.dag_runs(ONCE)) == runs_before, "a refused conf still created a run"
+
+
+def test_every_component_runs_with_its_own_tmpdir_and_the_redis_gate_store(stack):
+    # As separate containers: no file lock (tempfile.gettempdir()) is shared between the
+    # workers and the triggerer. Read from the live supervisors, whose environment their
+    # component inherits (Airflow's own processes overwrite theirs with setproctitle).
+    environments = {name: psutil.Process(c.proc.pid).environ() for name, c in stack.components.items()}
+    tmpdirs = {name: env.get("TMPDIR") for name, env in environments.items()}
+    assert {"worker-a", "worker-b", "triggerer"} <= set(tmpdirs)
+    assert None not in tmpdirs.values() and len(set(tmpdirs.values())) == len(tmpdirs), tmpdirs
+    assert all(Path(path).is_dir() for path in tmpdirs.values()), tmpdirs
+    stores = {name: env.get("AIRFLOW__NETWORK_REQUESTS__GATE_STORE") for name, env in environments.items()}
+    assert set(stores.values()) == {"redis"}, stores
+
+
+def test_the_shared_gate_lives_in_redis_and_not_in_a_variable(stack, demo_api):
+    response = stack.trigger(ONCE, {"endpoint": "/api/items/301"})
+    assert response.status == 200, response
+    run = stack.wait_for_run(ONCE, response.json()["dag_run_id"], RUN_TIMEOUT)
+    assert run["state"] == "success", run
+
+    key = "network_requests:gate:network_request_api"
+    redis = stack.redis()
+    try:
+        found = sorted(redis.scan_iter(match="network_requests:*"))
+        assert redis.type(key) == b"hash", f"no Redis gate at {key}; keys of the plugin: {found}"
+        assert set(redis.hkeys(key)) == {b"state", b"version"}
+        assert redis.pttl(key) > 0, "the gate's key has no expiry of its own"
+    finally:
+        redis.close()
+    variable = stack.rest("GET", "/api/v2/variables/network_requests.gate.network_request_api")
+    assert variable.status == 404, f"the gate was (also) written to a Variable: {variable}"

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import yaml
@@ -62,6 +62,9 @@ HEALTHCHECK_PROBES = {
     "demo-api": "http://localhost:8090/health",
 }
 PUBLISHED_PORTS = {"airflow-apiserver": "8080:8080", "demo-api": "8090:8090", "flower": "5555:5555"}
+#: Where a published port binds unless .env says otherwise: this machine only.
+DEFAULT_BIND_ADDRESS = "127.0.0.1"
+BIND_ADDRESS_VARIABLE = "AIRFLOW_BIND_ADDRESS"
 #: host folder -> container folder, on every Airflow service.
 PROJECT_MOUNTS = {
     "./dags": "/opt/airflow/dags",
@@ -212,9 +215,43 @@ def test_each_healthcheck_probes_its_own_service(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_PORTS))
-def test_each_web_ui_is_published_on_its_port(name: str) -> None:
-    ports = [str(port) for port in services()[name].get("ports", [])]
-    assert PUBLISHED_PORTS[name] in ports, f"service {name} publishes {ports}, expected {PUBLISHED_PORTS[name]!r}"
+def test_each_web_ui_is_published_on_its_port_on_the_loopback_by_default(name: str) -> None:
+    ports = [interpolated(str(port)) for port in services()[name].get("ports", [])]
+    expected = f"{DEFAULT_BIND_ADDRESS}:{PUBLISHED_PORTS[name]}"
+    assert expected in ports, f"service {name} publishes {ports} with .env unset, expected {expected!r}"
+
+
+def published_ports() -> Iterator[tuple[str, Any]]:
+    for name, svc in services().items():
+        for port in svc.get("ports", []):
+            yield name, port
+
+
+def test_no_port_is_published_on_every_interface_unless_env_says_so() -> None:
+    # A bare "8080:8080" (or "0.0.0.0:...") publishes on every interface of the host: the UI
+    # and Flower would face the network before anyone chose that.
+    problems = []
+    for name, port in published_ports():
+        if isinstance(port, dict):
+            host_ip = interpolated(str(port.get("host_ip", "")))
+        else:
+            parts = interpolated(str(port)).split(":")
+            host_ip = parts[0] if len(parts) == 3 else ""
+        if host_ip != DEFAULT_BIND_ADDRESS:
+            problems.append(f"{name} publishes {port!r} on {host_ip or 'every interface'} with .env unset")
+    assert not problems, problems_message(problems)
+
+
+def test_the_bind_address_of_every_published_port_comes_from_env() -> None:
+    problems = [
+        f"{name} publishes {port!r}, not bound to ${{{BIND_ADDRESS_VARIABLE}:-{DEFAULT_BIND_ADDRESS}}}"
+        for name, port in published_ports()
+        if not str(port).startswith(f"${{{BIND_ADDRESS_VARIABLE}:-{DEFAULT_BIND_ADDRESS}}}:")
+    ]
+    assert not problems, problems_message(problems)
+    assert env_example().get(BIND_ADDRESS_VARIABLE) == DEFAULT_BIND_ADDRESS, (
+        f".env.example should set {BIND_ADDRESS_VARIABLE}={DEFAULT_BIND_ADDRESS}, the safe default"
+    )
 
 
 def test_flower_starts_only_with_its_profile() -> None:
@@ -336,6 +373,34 @@ def test_the_api_connection_defaults_to_the_demo_api_service() -> None:
         for name, svc in airflow_services().items()
         if interpolated(environment(svc).get("AIRFLOW_CONN_NETWORK_REQUEST_API", "")) != "http://demo-api:8090"
     ]
+    assert not problems, problems_message(problems)
+
+
+def test_every_airflow_service_keeps_the_rate_limit_gate_in_redis() -> None:
+    # The workers and the triggerer are separate containers: the Variable store (a file lock
+    # in /tmp) would let a stale writer overwrite a block (docs/distributed.md).
+    problems = [
+        f"{name} has AIRFLOW__NETWORK_REQUESTS__GATE_STORE={environment(svc).get('AIRFLOW__NETWORK_REQUESTS__GATE_STORE')!r}"
+        for name, svc in airflow_services().items()
+        if environment(svc).get("AIRFLOW__NETWORK_REQUESTS__GATE_STORE") != "redis"
+    ]
+    assert not problems, problems_message(problems)
+
+
+def test_the_gate_reaches_the_redis_service_through_the_redis_default_connection_apart_from_the_broker() -> None:
+    problems = []
+    for name, svc in airflow_services().items():
+        env = environment(svc)
+        gate = urlsplit(interpolated(env.get("AIRFLOW_CONN_REDIS_DEFAULT", "")))
+        broker = urlsplit(interpolated(env.get("AIRFLOW__CELERY__BROKER_URL", "")))
+        gate_db = parse_qs(gate.query).get("db", ["0"])[0]
+        broker_db = broker.path.strip("/") or "0"
+        if (gate.scheme, gate.hostname, gate.port) != ("redis", "redis", 6379):
+            problems.append(f"{name}: AIRFLOW_CONN_REDIS_DEFAULT is {gate.geturl()!r}, not the redis service")
+        if gate_db == broker_db:
+            problems.append(f"{name}: the gate and Celery's broker share Redis database {gate_db}")
+        if "AIRFLOW__NETWORK_REQUESTS__REDIS_CONN_ID" in env and env["AIRFLOW__NETWORK_REQUESTS__REDIS_CONN_ID"] != "redis_default":
+            problems.append(f"{name}: the gate's connection id is not redis_default")
     assert not problems, problems_message(problems)
 
 

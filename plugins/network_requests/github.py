@@ -34,7 +34,9 @@ from typing import Any
 import requests
 
 from network_requests.endpoints import same_origin
-from network_requests.operators import NetworkRequestOperator, _WaitProgress
+from network_requests.attempts import rate_limit_info
+from network_requests.engine import WaitBudget
+from network_requests.operators import NetworkRequestOperator
 from network_requests.output import write_atomically
 from network_requests.rate_limit import Outcome, RateLimitWait, WaitSource
 
@@ -162,8 +164,8 @@ class GitHubApiOperator(NetworkRequestOperator):
         self.endpoint = endpoint
         self._depth += 1
         try:
-            # The operator's own loop: the gate first, then the request, its rate limits, its errors.
-            return self._attempt(get_current_context(), _WaitProgress(0, None))
+            # The operator's own driver: the gate first, then the request, its rate limits, its errors.
+            return self._drive(get_current_context(), WaitBudget())
         finally:
             self._depth -= 1
             self.endpoint = first_endpoint
@@ -183,12 +185,15 @@ class GitHubApiOperator(NetworkRequestOperator):
         return combined
 
     def _log_quota(self, response: requests.Response) -> None:
-        remaining = response.headers.get("x-ratelimit-remaining")
-        if remaining is not None:
-            self.log.info(
-                "GitHub quota: %s of %s left (%s), resets at %s",
-                remaining,
-                response.headers.get("x-ratelimit-limit", "?"),
-                response.headers.get("x-ratelimit-resource", "core"),
-                response.headers.get("x-ratelimit-reset", "?"),
-            )
+        now = self.clock()
+        info = rate_limit_info(response, now=now)  # the one header reader, read once per response
+        if info.remaining is None:
+            return
+        resets = (now + timedelta(seconds=info.reset_after)).isoformat() if info.reset_after is not None else "?"
+        self.log.info(
+            "GitHub quota: %s of %s left (%s), resets at %s",
+            info.remaining,
+            "?" if info.limit is None else info.limit,
+            response.headers.get("x-ratelimit-resource", "core"),  # a name, not a rate-limit value
+            resets,
+        )

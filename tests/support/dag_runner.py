@@ -137,12 +137,15 @@ with DAG(
 '''
 
 
-def run_operator_task(request: Any, api_url: str, operator_kwargs: str, default_args: str = "{}") -> DagRunResult:
-    """``dag.test()`` a one-task DAG (see operator_dag_source) named after the test, against ``api_url``."""
+def run_operator_task(
+    request: Any, api_url: str, operator_kwargs: str, default_args: str = "{}", *, connection: str | None = None
+) -> DagRunResult:
+    """``dag.test()`` a one-task DAG (see operator_dag_source) named after the test, against ``api_url``
+    (or a whole Connection: a URI or Airflow's JSON form)."""
     from tests.conftest import TEST_DAGS_DIR
 
     dag_id = request.node.name.replace("[", "_").replace("]", "").replace("-", "_")[:200]
-    set_connection(api_url)
+    set_connection(connection or api_url)
     path = write_dag_file(TEST_DAGS_DIR, dag_id, operator_dag_source(dag_id, operator_kwargs, default_args))
     return run_dag(path, dag_id)
 
@@ -159,3 +162,27 @@ def rescheduling(operator_kwargs: str) -> str:
 
 def set_connection(base_url: str) -> None:
     os.environ["AIRFLOW_CONN_NETWORK_REQUEST_API"] = base_url
+
+
+class SendCounter:
+    """Counts the requests sent from a worker (``sending.send``) and from the triggerer
+    (``sending_async.send``) while ``dag.test()`` runs both in this process. A spy: the
+    real senders still send."""
+
+    def __init__(self, monkeypatch: Any) -> None:
+        from network_requests import sending, triggers
+
+        self.worker = 0
+        self.triggerer = 0
+        real_sync, real_async = sending.send, triggers.send
+
+        def sync_spy(*args: Any, **kwargs: Any) -> Any:
+            self.worker += 1
+            return real_sync(*args, **kwargs)
+
+        async def async_spy(*args: Any, **kwargs: Any) -> Any:
+            self.triggerer += 1
+            return await real_async(*args, **kwargs)
+
+        monkeypatch.setattr(sending, "send", sync_spy)
+        monkeypatch.setattr(triggers, "send", async_spy)

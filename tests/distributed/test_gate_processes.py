@@ -12,7 +12,8 @@
   (an observation overwritten leaves its request "in flight" for the gate), are measured and
   printed, not asserted: they depend on timing (docs/distributed.md has measured figures).
 
-The figures are printed past pytest's capture, so ``make test-distributed`` shows them.
+The figures are printed past pytest's capture, so ``make test-distributed`` shows them. The
+strict 8-process Redis test comes last, so that under ``-x`` every figure is printed first.
 
 Needs PostgreSQL and Redis on 127.0.0.1 (``make test-distributed``; .ci/run starts them).
 """
@@ -290,43 +291,6 @@ def run_requests_workload(
 
 
 # --------------------------------------------------------------------------
-# The Redis store: 8 processes, 0 early.
-# --------------------------------------------------------------------------
-
-
-def test_eight_processes_with_their_own_tmpdir_share_one_redis_gate_and_send_nothing_early(
-    tmp_path, gate_key, capsys
-):
-    api = WindowedApi(**API_SHAPE)
-    home = tmp_path / "home"
-    home.mkdir()
-    results, score = run_requests_workload(
-        tmp_path,
-        lambda name: [sys.executable, "-m", "tests.distributed.gate_workload"],
-        redis_store_env(home),
-        gate_key,
-        api,
-        REDIS_DEADLINE_SECONDS,
-    )
-    gate_waits = sum(r["gate_waits"] for r in results.values())
-    refused = sum(r["refused"] for r in results.values())
-    report(
-        capsys,
-        f"Redis store, {PROCESSES} processes x {REQUESTS_PER_PROCESS} requests: {score}; "
-        f"gate waits {gate_waits}, 429s received {refused}",
-    )
-    # Separate temp dirs, as separate containers would have: no file lock is shared.
-    assert len({r["tmpdir"] for r in results.values()}) == PROCESSES
-    assert not [r["stalled"] for r in results.values() if r["stalled"]], results
-    assert all(r["ok"] == REQUESTS_PER_PROCESS for r in results.values()), results
-    # The run was held back: the server spent windows and announced blocks, and the
-    # processes waited at the gate for what other processes had learnt.
-    assert score["windows_spent"] >= 2 and score["blocks"] >= 1, score
-    assert gate_waits >= PROCESSES, results
-    assert score["early"] == 0, f"requests arrived before the time the server allowed: {api.early}\n{api.timeline()}"
-
-
-# --------------------------------------------------------------------------
 # The same interleaving of two writers: Redis keeps the block, the Variable store loses it.
 # --------------------------------------------------------------------------
 
@@ -424,3 +388,40 @@ def test_the_variable_store_across_tmpdirs_runs_the_same_eight_process_workload_
     )
     assert len({r["tmpdir"] for r in results.values()}) == PROCESSES
     assert score["requests"] >= PROCESSES, "the workload hardly ran: nothing to measure"
+
+
+# --------------------------------------------------------------------------
+# The Redis store: 8 processes, 0 early.
+# --------------------------------------------------------------------------
+
+
+def test_eight_processes_with_their_own_tmpdir_share_one_redis_gate_and_send_nothing_early(
+    tmp_path, gate_key, capsys
+):
+    api = WindowedApi(**API_SHAPE)
+    home = tmp_path / "home"
+    home.mkdir()
+    results, score = run_requests_workload(
+        tmp_path,
+        lambda name: [sys.executable, "-m", "tests.distributed.gate_workload"],
+        redis_store_env(home),
+        gate_key,
+        api,
+        REDIS_DEADLINE_SECONDS,
+    )
+    gate_waits = sum(r["gate_waits"] for r in results.values())
+    refused = sum(r["refused"] for r in results.values())
+    report(
+        capsys,
+        f"Redis store, {PROCESSES} processes x {REQUESTS_PER_PROCESS} requests: {score}; "
+        f"gate waits {gate_waits}, 429s received {refused}",
+    )
+    # Separate temp dirs, as separate containers would have: no file lock is shared.
+    assert len({r["tmpdir"] for r in results.values()}) == PROCESSES
+    assert not [r["stalled"] for r in results.values() if r["stalled"]], results
+    assert all(r["ok"] == REQUESTS_PER_PROCESS for r in results.values()), results
+    # The run was held back: the server spent windows and announced blocks, and the
+    # processes waited at the gate for what other processes had learnt.
+    assert score["windows_spent"] >= 2 and score["blocks"] >= 1, score
+    assert gate_waits >= PROCESSES, results
+    assert score["early"] == 0, f"requests arrived before the time the server allowed: {api.early}\n{api.timeline()}"

@@ -12,7 +12,12 @@ again:
 - **windows**: when the server only states a quota and when it resets (GitHub's
   ``X-RateLimit-Limit/Remaining/Reset``), up to ``limit`` tasks get the reset time itself,
   and each of the rest looks again once the window it fits in can have opened (the window's
-  length is known from below: from its first report to its reset), so it comes back once.
+  length is known from below: from its first report to its reset), so it comes back once;
+- **configured limits**: limits the user declared (:mod:`network_requests.configured_limits`,
+  for APIs that announce none) hold on top of all that, the stricter wins. Each is a sliding
+  window over the requests the gate let out: a request counts from when it is let out until
+  the limit's window after its answer was observed, so neither lateness nor network jitter
+  can bring more requests into a window than declared.
 
 Each task holds a *ticket* (its task-instance key). A task that comes back at its time
 sends only if the gate has not been closed further meanwhile; otherwise it is given a new
@@ -37,10 +42,14 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from bisect import bisect_right, insort
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from itertools import accumulate
 from typing import Any
 
+from network_requests.configured_limits import ConfiguredLimit
 from network_requests.rate_limit_headers import MAX_HORIZON_SECONDS, RateLimitInfo
 
 #: A state untouched for this long after its last time has passed is forgotten.
@@ -77,6 +86,14 @@ MAX_STATE_AGE_SECONDS = HORIZON_SECONDS + STATE_TTL_SECONDS
 #: covers the per-second and most of a per-minute window, and keeps a corrupt Variable
 #: from stalling a connection: a task waits it out in the worker or one short deferral.
 DAMAGED_STATE_BLOCK_SECONDS = 30.0
+#: Answers kept per configured limit (as ``(time, how many)``). Beyond it the two closest are
+#: merged into the later time: those requests then count a little longer, never shorter.
+#: With 64, a full "5000 per 1h" may wait up to about a minute more than the exact rule.
+MAX_LOG_ENTRIES = 64
+#: Configured limits one gate keeps a log for (several operators may declare different ones).
+MAX_LIMIT_LOGS = 16
+#: Two float times this close are one moment (epoch seconds have ~0.2 us of precision).
+SAME_MOMENT_SECONDS = 1e-6
 
 
 @dataclass(frozen=True)
@@ -112,6 +129,9 @@ class GateState:
     window_seconds: float = 0.0
     #: ticket -> when the gate let that task send; until its response is observed.
     in_flight: dict[str, float] = field(default_factory=dict)
+    #: Configured limit (its ``ConfiguredLimit.key``) -> when the requests it counts were
+    #: answered, ``(time, how many)`` oldest first, for the limit's window after that.
+    limit_logs: dict[str, tuple[tuple[float, int], ...]] = field(default_factory=dict)
     #: Why the stored state could not be read, when this state is the conservative block
     #: that replaced it (for the store to log once, and for the UI). Not stored, not compared:
     #: the next write stores a sound state.
@@ -148,6 +168,8 @@ class GateState:
     def horizon(self) -> float:
         """The latest time the state still says anything about."""
         times = [self.updated_at, self.blocked_until, self.next_slot, self.reset_at or 0.0, *self.tickets.values()]
+        # An answer counts against its configured limit for the limit's window after it.
+        times.extend(entries[-1][0] + _log_seconds(key) for key, entries in self.limit_logs.items() if entries)
         return max(times)
 
 
@@ -228,6 +250,26 @@ def _stored_text(value: object) -> str:
     return value
 
 
+def _stored_logs(value: object, now: float) -> dict[str, tuple[tuple[float, int], ...]]:
+    if not isinstance(value, dict):
+        raise _BadField(f"{_shown(value)} is not an object")
+    logs: dict[str, tuple[tuple[float, int], ...]] = {}
+    for key, entries in value.items():
+        try:
+            ConfiguredLimit.from_key(str(key))
+        except ValueError:
+            raise _BadField(f"{_shown(key)} is not a configured limit") from None
+        if not isinstance(entries, list):
+            raise _BadField(f"{_shown(entries)} is not a list")
+        pairs: list[tuple[float, int]] = []
+        for entry in entries:
+            if not isinstance(entry, list) or len(entry) != 2:
+                raise _BadField(f"{_shown(entry)} is not a [time, count] pair")
+            pairs.append((_stored_time(entry[0], now), _stored_count(entry[1])))
+        logs[str(key)] = _compacted(sorted(pair for pair in pairs if pair[1]))
+    return _fewest_logs(logs)
+
+
 def _read_fields(data: dict[str, Any], now: float) -> GateState:
     """Each field checked on its own: one bad field leaves the good ones (a block) usable."""
     problems: list[str] = []
@@ -248,6 +290,7 @@ def _read_fields(data: dict[str, Any], now: float) -> GateState:
         "window_first_seen": lambda v: _stored_time(v, now),
         "window_seconds": _stored_seconds,
         "in_flight": lambda v: _stored_times(v, now),
+        "limit_logs": lambda v: _stored_logs(v, now),
     }
     for name, read in readers.items():
         value = data.get(name)
@@ -287,13 +330,18 @@ class Admission:
         return max(self.send_at - now, 0.0)
 
 
-def for_origin(state: GateState, origin: str) -> GateState:
+def for_origin(state: GateState, origin: str, *, checks_origin: bool = True) -> GateState:
     """The state if it is about ``origin``, else a fresh one: what another API said does not apply.
 
     A damaged state whose origin could not be read may be about ``origin``: its block holds.
+    ``checks_origin=False`` (a gate key shared on purpose, see
+    ``configured_limits.resolve_gate_key``): the state is the quota's whatever API asks; it
+    keeps the origin that first wrote it, for the UI.
     """
     if state.origin == origin:
         return state
+    if not checks_origin:
+        return state if state.origin else replace(state, origin=origin)
     if state.damaged is not None and not state.origin:
         return replace(state, origin=origin)
     return GateState(origin=origin)
@@ -333,6 +381,10 @@ def _bounded(state: GateState, now: float) -> GateState:
         tickets=_within(state.tickets, latest),
         interval=None if state.interval is None else min(state.interval, HORIZON_SECONDS),
         window_seconds=min(state.window_seconds, HORIZON_SECONDS),
+        limit_logs={
+            key: tuple((min(at, latest - _log_seconds(key)), count) for at, count in entries)
+            for key, entries in state.limit_logs.items()
+        },
     )
 
 
@@ -344,10 +396,17 @@ def _expire(state: GateState, now: float) -> GateState:
         now > state.horizon + STATE_TTL_SECONDS or now > state.updated_at + MAX_STATE_AGE_SECONDS
     ):
         return GateState(interval=state.interval, origin=state.origin)
+    in_flight = _latest(state.in_flight, after=now - IN_FLIGHT_TTL_SECONDS)
+    logs = state.limit_logs
+    for ticket, let_out in state.in_flight.items():
+        if ticket not in in_flight:
+            # Never reported (its task died): counted as answered when it stopped being out.
+            logs = _with_answer(logs, min(let_out + IN_FLIGHT_TTL_SECONDS, now))
     state = replace(
         state,
         tickets=_latest(state.tickets, after=now - TICKET_TTL_SECONDS),
-        in_flight=_latest(state.in_flight, after=now - IN_FLIGHT_TTL_SECONDS),
+        in_flight=in_flight,
+        limit_logs=_pruned_logs(logs, now, keep_empty=bool(in_flight)),
     )
     if state.reset_at is not None and now >= state.reset_at:
         # The window the state described is over. With a known rate, keep pacing until a
@@ -451,13 +510,23 @@ def observe(
         window_first_seen=window_first_seen,
         window_seconds=window_seconds,
         in_flight=in_flight,
+        # The server has seen this request: it counts against each configured limit for
+        # the limit's window from now (when it was seen is not known more closely).
+        limit_logs=_with_answer(state.limit_logs, now),
     )
 
 
 def admit(
-    state: GateState, ticket: str, *, now: float, in_process_up_to: float = 0.0, min_wait: float = 0.0
+    state: GateState,
+    ticket: str,
+    *,
+    now: float,
+    in_process_up_to: float = 0.0,
+    min_wait: float = 0.0,
+    limits: Sequence[ConfiguredLimit] = (),
 ) -> Admission:
-    """May the task holding ``ticket`` send now? If not, when? Never before ``blocked_until``.
+    """May the task holding ``ticket`` send now? If not, when? Never before ``blocked_until``,
+    and never before every one of the configured ``limits`` allows.
 
     A task is given one send time and keeps it: coming back at that time it sends, unless
     the gate was closed past it meanwhile (a 429 elsewhere), in which case it queues again.
@@ -467,6 +536,11 @@ def admit(
     ``min_wait`` (a deferral's or a reschedule's minimum delay). Its send time is set to
     that, and the times after it are spaced from it, so tasks held back by a minimum delay
     don't come back in a bunch.
+
+    ``limits`` (the Connection's or the operator's declared limits) hold on top of what the
+    server said: a newcomer is given the first time that fits every limit, counting the
+    requests out, answered, and promised to other tasks; a task back at its promised time is
+    held back only by requests really sent since (it had its place).
     """
 
     def back_at(moment: float) -> float:
@@ -475,7 +549,10 @@ def admit(
         return max(moment, now + min_wait)
 
     state = _expire(state, now)
-    admission = _admit(state, ticket, now, back_at)
+    if limits:
+        admission = _admit_within_limits(state, ticket, now, back_at, tuple(limits))
+    else:
+        admission = _admit(state, ticket, now, back_at)
     latest = now + HORIZON_SECONDS
     if admission.send_at > latest or admission.state.next_slot > latest:
         # A place further than the horizon (a long backlog at a slow rate) is not promised
@@ -484,7 +561,9 @@ def admit(
     return admission
 
 
-def _admit(state: GateState, ticket: str, now: float, back_at: Callable[[float], float]) -> Admission:
+def _admit(
+    state: GateState, ticket: str, now: float, back_at: Callable[[float], float], floor: float = 0.0
+) -> Admission:
     held = state.tickets.get(ticket)
     if held is not None:
         if held <= now and state.blocked_until <= now:
@@ -499,7 +578,7 @@ def _admit(state: GateState, ticket: str, now: float, back_at: Callable[[float],
             # The gate closed past our time: queue again from blocked_until.
             state = _release(state, ticket, now)
 
-    start = max(now, state.blocked_until)
+    start = max(now, state.blocked_until, floor)
     if state.remaining is None and not state.observed_at and start <= now:
         # Nothing known about this API yet: one request goes first and brings back its
         # limits, instead of everyone starting at once into a 429 the others can't see.
@@ -535,8 +614,9 @@ def _admit(state: GateState, ticket: str, now: float, back_at: Callable[[float],
 
     if state.limit and any(send_at <= now for send_at in state.tickets.values()):
         # A window's quota was handed out and its holders have not reported yet: wait
-        # for what the server tells them instead of sending on top of them.
-        return _recheck(state, ticket, back_at(now + RECHECK_SECONDS), now)
+        # for what the server tells them instead of sending on top of them (and not before
+        # the block: nobody may send before it anyway).
+        return _recheck(state, ticket, back_at(max(start, now + RECHECK_SECONDS)), now)
     # Quota reported spent but no reset time or rate: only the block is known; past it,
     # let the server say what comes next.
     return _at(state, ticket, back_at(start), now, "the API is blocked (shared gate)")
@@ -569,11 +649,210 @@ def _release(state: GateState, ticket: str, now: float) -> GateState:
     return replace(state, tickets=tickets, updated_at=now)
 
 
-def release_probe(state: GateState, ticket: str | None = None) -> GateState:
+# -- configured limits -------------------------------------------------------------------------
+#
+# Each configured limit is a set of sliding windows (``ConfiguredLimit.windows``: at most n
+# requests in any w seconds). A request counts in them from when it is let out (while in
+# flight, as if answered at any moment now) until w after its answer was observed (the
+# limit's log). A task is given the first time at which one more request keeps every window
+# of every limit within its count, counting also the times promised to other tasks.
+
+
+#: Rounds of fitting a time to several windows before taking the time after all their requests.
+_MAX_FIT_ROUNDS = 32
+
+
+@lru_cache(maxsize=256)
+def _log_seconds(key: str) -> float:
+    """How long an answer counts against the configured limit stored under ``key``."""
+    return ConfiguredLimit.from_key(key).per_seconds
+
+
+def _compacted(entries: Sequence[tuple[float, int]]) -> tuple[tuple[float, int], ...]:
+    """Sorted ``entries`` with one entry per moment and at most MAX_LOG_ENTRIES of them: the
+    two closest merge into the later one (those requests then count longer, never shorter)."""
+    merged: list[tuple[float, int]] = []
+    for at, count in entries:
+        if merged and at - merged[-1][0] <= SAME_MOMENT_SECONDS:
+            merged[-1] = (at, min(merged[-1][1] + count, MAX_COUNT))
+        else:
+            merged.append((at, count))
+    while len(merged) > MAX_LOG_ENTRIES:
+        closest = min(range(len(merged) - 1), key=lambda i: merged[i + 1][0] - merged[i][0])
+        earlier, later = merged[closest], merged[closest + 1]
+        merged[closest : closest + 2] = [(later[0], min(earlier[1] + later[1], MAX_COUNT))]
+    return tuple(merged)
+
+
+def _fewest_logs(logs: dict[str, tuple[tuple[float, int], ...]]) -> dict[str, tuple[tuple[float, int], ...]]:
+    """At most MAX_LIMIT_LOGS logs, the most recently answered."""
+    if len(logs) <= MAX_LIMIT_LOGS:
+        return logs
+    by_recency = sorted(logs.items(), key=lambda item: item[1][-1][0] if item[1] else 0.0)
+    return dict(by_recency[-MAX_LIMIT_LOGS:])
+
+
+def _with_answer(
+    logs: dict[str, tuple[tuple[float, int], ...]], at: float
+) -> dict[str, tuple[tuple[float, int], ...]]:
+    """Every configured limit's log with one more request answered at ``at``."""
+    updated = {}
+    for key, entries in logs.items():
+        items = list(entries)
+        insort(items, (at, 1))
+        updated[key] = _compacted(items)
+    return updated
+
+
+def _pruned_logs(
+    logs: dict[str, tuple[tuple[float, int], ...]], now: float, *, keep_empty: bool
+) -> dict[str, tuple[tuple[float, int], ...]]:
+    """The logs without the answers no window from ``now`` on can hold. An empty log is kept
+    while requests are out: their answers must find the logs of the limits they count in."""
+    pruned = {}
+    for key, entries in logs.items():
+        since = now - _log_seconds(key)
+        kept = tuple(entry for entry in entries if entry[0] > since)
+        if kept or keep_empty:
+            pruned[key] = kept
+    return pruned
+
+
+def _earliest_in_window(points: list[tuple[float, int]], start: float, seconds: float, at_most: int) -> float:
+    """The first time from ``start`` at which one more request keeps at most ``at_most`` of
+    ``points`` (sorted ``(time, count)``) plus itself in every window of ``seconds``."""
+    if not points:
+        return start
+    times = [at for at, _ in points]
+    sums = [0, *accumulate(count for _, count in points)]
+
+    def counted(end: float) -> int:
+        """Requests in the window ``(end - seconds, end]``."""
+        return sums[bisect_right(times, end)] - sums[bisect_right(times, end - seconds + SAME_MOMENT_SECONDS)]
+
+    # Windows ending at these already hold at_most: a time within one of them must wait.
+    full = [at for at in times if counted(at) >= at_most]
+    candidates = sorted({start, *(at + seconds for at in times if at + seconds > start)})
+    for moment in candidates:
+        if counted(moment) >= at_most:
+            continue
+        later = bisect_right(full, moment)
+        if later < len(full) and full[later] < moment + seconds - SAME_MOMENT_SECONDS:
+            continue
+        return moment
+    return candidates[-1]  # not reached: after the last point's window nothing is counted
+
+
+def _fit(
+    limits: Sequence[ConfiguredLimit], state: GateState, ticket: str, start: float, now: float, *, holder: bool
+) -> tuple[float, ConfiguredLimit | None]:
+    """The first time from ``start`` every limit allows, and the limit that set it (``None``:
+    ``start`` itself). A ``holder`` back at its promised time is not held back by the times
+    promised to others: its place was counted when they were given theirs."""
+    others = [(now, 1) for out, _ in state.in_flight.items() if out != ticket]
+    if not holder:
+        others.extend((max(at, now), 1) for holder_ticket, at in state.tickets.items() if holder_ticket != ticket)
+    checks = []
+    for limit in limits:
+        points = sorted([*state.limit_logs.get(limit.key, ()), *others])
+        checks.extend((limit, points, at_most, seconds) for at_most, seconds in limit.windows)
+    moment, binding = start, None
+    for _ in range(_MAX_FIT_ROUNDS):
+        moved = False
+        for limit, points, at_most, seconds in checks:
+            allowed = _earliest_in_window(points, moment, seconds, at_most)
+            if allowed > moment:
+                moment, binding, moved = allowed, limit, True
+        if not moved:
+            return moment, binding
+    # Windows still pushing each other: once every counted request is out of every window,
+    # all of them allow it.
+    after_all = max((points[-1][0] + seconds for _, points, _, seconds in checks if points), default=moment)
+    return max(moment, after_all), binding
+
+
+def _kept_fit(
+    limits: Sequence[ConfiguredLimit],
+    state: GateState,
+    ticket: str,
+    start: float,
+    now: float,
+    back_at: Callable[[float], float],
+    *,
+    holder: bool,
+) -> tuple[float, ConfiguredLimit | None]:
+    """As :func:`_fit`, a time the task can keep: stretched to its minimum wait, then fitted
+    again (a later time may meet other requests' windows)."""
+    moment, binding = start, None
+    while True:
+        fitted, by = _fit(limits, state, ticket, moment, now, holder=holder)
+        binding = by or binding
+        kept = back_at(fitted)
+        if kept == fitted:
+            return fitted, binding
+        moment = kept  # at least now + min_wait: back_at keeps any later time as it is
+
+
+def _limit_reason(limit: ConfiguredLimit | None) -> str:
+    described = "" if limit is None else f" {limit.describe()}"
+    return f"waiting for the configured rate limit{described} (shared gate)"
+
+
+def _admit_within_limits(
+    state: GateState, ticket: str, now: float, back_at: Callable[[float], float], limits: Sequence[ConfiguredLimit]
+) -> Admission:
+    held = state.tickets.get(ticket)
+    if held is not None and held <= now and state.blocked_until <= now:
+        # Back at its time. Requests sent since it was given that time (others back late,
+        # answers slower than thought) may still fill a window: then it waits for them.
+        when, binding = _kept_fit(limits, state, ticket, now, now, back_at, holder=True)
+        if when > now:
+            return _at(replace(state, updated_at=now), ticket, when, now, _limit_reason(binding))
+        return _with_limit_logs(_admit(state, ticket, now, back_at), limits, now)
+    if held is not None and now < held and state.blocked_until <= held:
+        return _admit(state, ticket, now, back_at)  # back early: the same time again
+    floor, floor_binding = _fit(limits, state, ticket, max(now, state.blocked_until), now, holder=False)
+    admission = _admit(state, ticket, now, back_at, floor)
+    if admission.send_at <= now:
+        return _with_limit_logs(admission, limits, now)
+    if admission.state.tickets.get(ticket) != admission.send_at:
+        return admission  # told to look again: nothing promised
+    # What the server said (a reset, its pacing) or a minimum wait moved the time past the
+    # floor: fit it again there.
+    when, binding = _kept_fit(limits, admission.state, ticket, admission.send_at, now, back_at, holder=False)
+    if when == admission.send_at:
+        if floor_binding is not None and when == back_at(floor):
+            return replace(admission, reason=_limit_reason(floor_binding))
+        return admission
+    fitted = admission.state
+    if fitted.interval:
+        fitted = replace(fitted, next_slot=max(fitted.next_slot, when + fitted.interval))
+    return _at(fitted, ticket, when, now, _limit_reason(binding))
+
+
+def _with_limit_logs(admission: Admission, limits: Sequence[ConfiguredLimit], now: float) -> Admission:
+    """A request let out now: the logs of its limits exist for its answer to be counted in."""
+    if admission.send_at > now:
+        return admission
+    logs = admission.state.limit_logs
+    missing = {limit.key: () for limit in limits if limit.key not in logs}
+    if not missing:
+        return admission
+    return replace(admission, state=replace(admission.state, limit_logs=_fewest_logs({**logs, **missing})))
+
+
+def release_probe(state: GateState, ticket: str | None = None, *, now: float | None = None) -> GateState:
     """A request got no answer (refused, timed out): it is no longer out, and if it was the
-    first-contact probe, the next task may try."""
+    first-contact probe, the next task may try.
+
+    It may still have reached the server, so it counts against the configured limits as if
+    answered at ``now`` (when not given, at when it was let out: pass ``now``).
+    """
     in_flight = {k: v for k, v in state.in_flight.items() if k != ticket}
-    return replace(state, probe_until=0.0, in_flight=in_flight)
+    logs = state.limit_logs
+    if ticket in state.in_flight:
+        logs = _with_answer(logs, state.in_flight[ticket] if now is None else now)
+    return replace(state, probe_until=0.0, in_flight=in_flight, limit_logs=logs)
 
 
 def is_open(state: GateState, now: float) -> bool:

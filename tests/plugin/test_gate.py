@@ -18,10 +18,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from network_requests.configured_limits import ConfiguredLimit
 from network_requests.gate import (
     DAMAGED_STATE_BLOCK_SECONDS,
     HORIZON_SECONDS,
+    IN_FLIGHT_TTL_SECONDS,
     MAX_COUNT,
+    MAX_LIMIT_LOGS,
+    MAX_LOG_ENTRIES,
     MAX_STATE_AGE_SECONDS,
     MAX_TICKETS,
     RECHECK_SECONDS,
@@ -32,6 +36,7 @@ from network_requests.gate import (
     for_origin,
     is_open,
     observe,
+    release_probe,
 )
 from network_requests.rate_limit_headers import RateLimitInfo, read_rate_limit_headers
 
@@ -367,11 +372,12 @@ class TestOriginAndJson:
             window_first_seen=NOW - 2,
             window_seconds=62.0,
             in_flight={"dag|run|task|4": NOW - 0.5},
+            limit_logs={"10/1.0/10": ((NOW - 0.75, 3), (NOW - 0.25, 1)), "5000/3600.0/100": ()},
         )
         # Every stored field is set (a field the reader forgot would come back as its default).
         stored = json.loads(state.to_json())
         assert all(stored[name] != GateState.__dataclass_fields__[name].default for name in stored if name not in (
-            "tickets", "in_flight"
+            "tickets", "in_flight", "limit_logs"
         ))
         assert set(stored) == set(GateState.__dataclass_fields__) - {"damaged"}
         assert GateState.from_json(state.to_json(), now=NOW) == state
@@ -897,12 +903,15 @@ _OBSERVE = st.tuples(
     st.tuples(_INFO, st.none() | _TICKET),
     st.one_of(st.none(), st.floats(min_value=-60, max_value=10**7, allow_nan=False)),
 )
-#: (ticket, in_process_up_to, min_wait): how long the task can wait where it is, and the
-#: least it waits otherwise (a deferral's minimum delay).
+_LIMITS = st.sampled_from(
+    [(), (ConfiguredLimit(2, 1.0, 2),), (ConfiguredLimit(3, 5.0, 1), ConfiguredLimit(5, 3600.0, 5))]
+)
+#: (ticket, in_process_up_to, min_wait, limits): how long the task can wait where it is, the
+#: least it waits otherwise (a deferral's minimum delay), and its configured limits.
 _ADMIT = st.tuples(
     st.just("admit"),
     _STEP,
-    st.tuples(_TICKET, st.sampled_from([0.0, 1.0, 60.0]), st.sampled_from([0.0, 1.0, 2.0])),
+    st.tuples(_TICKET, st.sampled_from([0.0, 1.0, 60.0]), st.sampled_from([0.0, 1.0, 2.0]), _LIMITS),
     st.none(),
 )
 
@@ -921,6 +930,12 @@ def assert_bounded(state: GateState, now: float) -> None:
     for seconds in (state.interval, state.window_seconds):
         assert seconds is None or 0 <= seconds <= HORIZON_SECONDS, state
     assert len(state.tickets) <= MAX_TICKETS + 1 and len(state.in_flight) <= MAX_TICKETS + 1
+    assert len(state.limit_logs) <= MAX_LIMIT_LOGS, state
+    for key, entries in state.limit_logs.items():
+        assert len(entries) <= MAX_LOG_ENTRIES, state
+        assert list(entries) == sorted(entries), state
+        assert all(math.isfinite(at) and 0 <= at <= latest and 0 < count <= MAX_COUNT for at, count in entries), state
+        assert max([at + ConfiguredLimit.from_key(key).per_seconds for at, _ in entries], default=0) <= latest, state
 
 
 @PROPERTY_SETTINGS
@@ -942,8 +957,10 @@ def test_any_sequence_of_observations_and_admissions_keeps_the_gates_invariants(
             if until is not None and until > now:
                 assert state.blocked_until >= min(until, now + HORIZON_SECONDS) - 1e-6
         else:
-            ticket, in_process_up_to, min_wait = payload
-            admission = admit(state, ticket, now=now, in_process_up_to=in_process_up_to, min_wait=min_wait)
+            ticket, in_process_up_to, min_wait, limits = payload
+            admission = admit(
+                state, ticket, now=now, in_process_up_to=in_process_up_to, min_wait=min_wait, limits=limits
+            )
             state = admission.state
             # Never a send time before blocked_until, whether before or after the change.
             assert admission.send_at >= now
@@ -1039,8 +1056,6 @@ def test_an_api_without_rate_limit_headers_is_not_serialised_after_the_first_ans
 
 
 def test_a_probe_that_got_no_answer_is_released_for_the_next_task():
-    from network_requests.gate import release_probe
-
     probing = admit(GateState(), "a", now=NOW).state
 
     assert admit(release_probe(probing), "b", now=NOW + 0.1).send_at == NOW + 0.1
@@ -1079,8 +1094,6 @@ def test_a_response_counts_only_the_requests_let_out_after_its_own():
 
 
 def test_a_request_without_an_answer_is_no_longer_out_and_one_never_reported_is_forgotten():
-    from network_requests.gate import IN_FLIGHT_TTL_SECONDS, release_probe
-
     known = observe(GateState(), RateLimitInfo(**PACED, remaining=3), now=NOW)
     out = admit(admit(known, "a", now=NOW).state, "b", now=NOW).state
     assert set(out.in_flight) == {"a", "b"}
@@ -1089,3 +1102,389 @@ def test_a_request_without_an_answer_is_no_longer_out_and_one_never_reported_is_
     later = observe(out, SILENT, now=NOW + IN_FLIGHT_TTL_SECONDS + 1)
     assert later.in_flight == {}
     assert GateState.from_json(out.to_json(), now=NOW).in_flight == out.in_flight
+
+
+# -- configured limits (issue 11) -------------------------------------------------------------
+#
+# Limits a user declared for an API that announces none. A request counts against a limit from
+# when the gate lets it out until the limit's window after its answer was observed.
+
+TEN_PER_SECOND = ConfiguredLimit(10, 1.0, 10)
+TEN_PER_SECOND_SPACED = ConfiguredLimit(10, 1.0, 1)
+TWO_PER_SECOND = ConfiguredLimit(2, 1.0, 2)
+
+
+def known_api(limits, *, now: float = NOW, answer: RateLimitInfo = SILENT, **observed) -> GateState:
+    """A gate past first contact: one request let out and answered (by default with no
+    rate-limit headers) at ``now``."""
+    state = admit(GateState(origin=ORIGIN), "first", now=now, limits=limits).state
+    return observe(state, answer, now=now, ticket="first", **observed)
+
+
+def admit_each(state, tickets, *, now, limits, **hints) -> tuple[list[float], GateState]:
+    times = []
+    for ticket in tickets:
+        admission = admit(state, ticket, now=now, limits=limits, **hints)
+        times.append(admission.send_at)
+        state = admission.state
+    return times, state
+
+
+class TestConfiguredLimits:
+    def test_the_whole_quota_goes_at_once_then_the_next_waits_for_the_first_answers_window(self):
+        state = known_api([TEN_PER_SECOND])  # one answered at NOW
+        times, state = admit_each(state, [f"t{i}" for i in range(10)], now=NOW + 0.1, limits=[TEN_PER_SECOND])
+        assert times[:9] == [NOW + 0.1] * 9
+        # The 10th in one second: after NOW + 1, when the first answer leaves the window.
+        assert times[9] == NOW + 1.0
+        assert "configured rate limit 10 per 1s" in admit(state, "late", now=NOW + 0.1, limits=[TEN_PER_SECOND]).reason
+
+    def test_burst_one_spaces_requests_evenly(self):
+        state = known_api([TEN_PER_SECOND_SPACED])
+        times, _ = admit_each(state, [f"t{i}" for i in range(5)], now=NOW, limits=[TEN_PER_SECOND_SPACED])
+        assert times == pytest.approx([NOW + 0.1, NOW + 0.2, NOW + 0.3, NOW + 0.4, NOW + 0.5], abs=1e-6)
+
+    def test_a_request_counts_from_its_answer_so_a_slow_answer_holds_the_next_window_back(self):
+        state = admit(GateState(origin=ORIGIN), "a", now=NOW, limits=[ConfiguredLimit(1, 1.0, 1)]).state
+        # Out, no answer yet: the next request waits for it, whenever that is.
+        assert admit(state, "b", now=NOW + 5, limits=[ConfiguredLimit(1, 1.0, 1)]).send_at > NOW + 5
+        answered = observe(state, SILENT, now=NOW + 5, ticket="a")
+        assert admit(answered, "b", now=NOW + 5.5, limits=[ConfiguredLimit(1, 1.0, 1)]).send_at == NOW + 6
+
+    def test_the_stricter_of_configured_and_announced_wins(self):
+        # The server allows 100 more; the configured 2 per second allows one more after "first".
+        generous = known_api([TWO_PER_SECOND], answer=RateLimitInfo(remaining=100, reset_after=60))
+        times, _ = admit_each(generous, ["a", "b"], now=NOW + 0.1, limits=[TWO_PER_SECOND])
+        assert times == [NOW + 0.1, NOW + 1.0]
+        # The server blocks for 30 s; the configured limit would allow now.
+        blocked = known_api([TWO_PER_SECOND], rate_limited_until=NOW + 30)
+        assert admit(blocked, "a", now=NOW + 0.1, limits=[TWO_PER_SECOND]).send_at == NOW + 30
+
+    def test_several_limits_hold_at_once(self):
+        per_second_and_per_minute = [ConfiguredLimit(3, 1.0, 3), ConfiguredLimit(4, 60.0, 4)]
+        state = known_api(per_second_and_per_minute)
+        times, _ = admit_each(state, ["a", "b", "c", "d"], now=NOW + 0.1, limits=per_second_and_per_minute)
+        # "first", a and b fill the second: c waits for first's second to be over; d would be
+        # the 5th in a minute: it waits for first's minute.
+        assert times == [NOW + 0.1, NOW + 0.1, NOW + 1, NOW + 60]
+
+    def test_the_times_promised_to_other_tasks_count(self):
+        state = known_api([TWO_PER_SECOND])
+        times, state = admit_each(state, ["a", "b", "c", "d"], now=NOW + 0.1, limits=[TWO_PER_SECOND])
+        # a goes; b is promised NOW + 1 (first's window), c too (a is out, counted as answered
+        # at any moment now: NOW + 0.1 + 1), d after both promised times' window.
+        assert times == [NOW + 0.1, NOW + 1.0, NOW + 1.1, NOW + 2.0]
+
+    def test_a_task_back_late_pushes_the_next_batch_so_no_window_holds_more_than_declared(self):
+        # Jitter and lateness: promised times are hints; what holds is the window after each
+        # request that was really sent. Two per second: c and d are promised NOW + 1, e and f
+        # NOW + 2. d comes back on time; c comes back half a second late.
+        state = known_api([TWO_PER_SECOND])
+        second = observe(admit(state, "b", now=NOW, limits=[TWO_PER_SECOND]).state, SILENT, now=NOW, ticket="b")
+        times, state = admit_each(second, ["c", "d", "e", "f"], now=NOW, limits=[TWO_PER_SECOND])
+        assert times == [NOW + 1, NOW + 1, NOW + 2, NOW + 2]
+        state = admit(state, "d", now=NOW + 1, limits=[TWO_PER_SECOND]).state
+        state = observe(state, SILENT, now=NOW + 1, ticket="d")
+        late = admit(state, "c", now=NOW + 1.5, limits=[TWO_PER_SECOND])
+        assert late.send_at == NOW + 1.5, "c's place was kept: d is the only request in its window"
+        state = observe(late.state, SILENT, now=NOW + 1.5, ticket="c")
+        e = admit(state, "e", now=NOW + 2, limits=[TWO_PER_SECOND])
+        f = admit(e.state, "f", now=NOW + 2, limits=[TWO_PER_SECOND])
+        assert e.send_at == NOW + 2
+        # c (NOW + 1.5) and e fill (NOW + 1, NOW + 2]: f waits until c's window is over.
+        assert f.send_at == NOW + 2.5
+        assert f.state.tickets["f"] == NOW + 2.5
+
+    def test_a_time_stretched_to_the_tasks_minimum_wait_is_fitted_again(self):
+        state = known_api([TEN_PER_SECOND_SPACED])
+        times, state = admit_each(state, ["a", "b"], now=NOW, limits=[TEN_PER_SECOND_SPACED])
+        assert times == pytest.approx([NOW + 0.1, NOW + 0.2])
+        # c could go at NOW + 0.3 but can't be back before NOW + 2: it gets NOW + 2, and d,
+        # who can sleep where it is, is not put at the same moment.
+        c = admit(state, "c", now=NOW, min_wait=2.0, limits=[TEN_PER_SECOND_SPACED])
+        d = admit(c.state, "d", now=NOW, in_process_up_to=60, limits=[TEN_PER_SECOND_SPACED])
+        assert c.send_at == NOW + 2.0
+        assert d.send_at == pytest.approx(NOW + 0.3)
+        e = admit(d.state, "e", now=NOW, in_process_up_to=60, limits=[TEN_PER_SECOND_SPACED])
+        assert e.send_at == pytest.approx(NOW + 0.4)
+
+    def test_a_request_without_an_answer_counts_from_when_it_was_given_up(self):
+        state = admit(known_api([TWO_PER_SECOND]), "a", now=NOW + 0.5, limits=[TWO_PER_SECOND]).state
+        released = release_probe(state, "a", now=NOW + 3)
+        assert released.in_flight == {}
+        assert released.limit_logs[TWO_PER_SECOND.key][-1] == (NOW + 3, 1)
+
+    def test_a_request_whose_task_never_reported_counts_until_its_in_flight_time_is_over(self):
+        hourly = ConfiguredLimit(2, 3600.0, 2)
+        state = admit(known_api([hourly]), "a", now=NOW + 0.5, limits=[hourly]).state
+        later = admit(state, "b", now=NOW + 0.5 + IN_FLIGHT_TTL_SECONDS + 10, limits=[hourly])
+        assert "a" not in later.state.in_flight
+        assert later.state.limit_logs[hourly.key] == ((NOW, 1), (NOW + 0.5 + IN_FLIGHT_TTL_SECONDS, 1))
+        assert later.send_at == NOW + 3600, "first and a fill the hour"
+
+    def test_an_hours_limit_is_not_forgotten_when_the_gate_is_idle_for_minutes(self):
+        hourly = ConfiguredLimit(3, 3600.0, 3)
+        state = known_api([hourly])
+        _, state = admit_each(state, ["a", "b"], now=NOW, limits=[hourly])
+        state = observe(observe(state, SILENT, now=NOW, ticket="a"), SILENT, now=NOW, ticket="b")
+        idle = NOW + 10 * STATE_TTL_SECONDS
+        assert admit(state, "c", now=idle, limits=[hourly]).send_at == NOW + 3600
+        # Once the hour is over, the whole state may go.
+        assert admit(state, "c", now=NOW + 3600 + STATE_TTL_SECONDS + 1, limits=[hourly]).state.limit_logs == {
+            hourly.key: ()
+        }
+
+    def test_a_long_log_is_compacted_into_later_times_never_earlier(self):
+        daily = ConfiguredLimit(1000, 86400.0, 1000)
+        state = known_api([daily])
+        sent = []
+        for i in range(200):
+            now = NOW + 1 + i * (1 + (i % 7))
+            state = admit(state, f"t{i}", now=now, limits=[daily]).state
+            state = observe(state, SILENT, now=now, ticket=f"t{i}")
+            sent.append(now)
+        (entries,) = state.limit_logs.values()
+        assert len(entries) == MAX_LOG_ENTRIES
+        assert sum(count for _, count in entries) == 201
+        # Each answer is counted at its time or later: for any moment, the log counts at
+        # least as many answers after it as there really were.
+        for moment in sent:
+            assert sum(count for at, count in entries if at >= moment) >= sum(1 for at in sent if at >= moment)
+
+    def test_logs_are_stored_and_read_back_and_an_unreadable_one_is_damage(self):
+        state = known_api([TEN_PER_SECOND, TWO_PER_SECOND])
+        assert GateState.from_json(state.to_json(), now=NOW) == state
+        stored = json.loads(state.to_json())
+        stored["limit_logs"] = {"ten a second": [[NOW, 1]]}
+        damaged = GateState.from_json(json.dumps(stored), now=NOW)
+        assert "limit_logs: 'ten a second' is not a configured limit" in damaged.damaged
+        assert not is_open(damaged, NOW)
+
+    def test_a_log_is_dropped_once_its_window_is_over_and_no_request_is_out(self):
+        state = known_api([TWO_PER_SECOND])
+        assert state.limit_logs == {TWO_PER_SECOND.key: ((NOW, 1),)}
+        assert admit(state, "a", now=NOW + 1.5).state.limit_logs == {}
+
+
+class TestGateKeys:
+    """An explicit gate key is shared on purpose by Connections that may have other base URLs."""
+
+    def test_the_default_key_resets_a_state_written_for_another_api(self):
+        state = known_api([TWO_PER_SECOND])
+        assert for_origin(state, "https://uploads.example.com:443") == GateState(origin="https://uploads.example.com:443")
+
+    def test_a_shared_key_keeps_the_quota_whatever_api_asks(self):
+        state = known_api([TWO_PER_SECOND])
+        shared = for_origin(state, "https://uploads.example.com:443", checks_origin=False)
+        assert shared is state
+        assert admit(shared, "a", now=NOW + 0.1, limits=[TWO_PER_SECOND]).send_at == NOW + 0.1
+        assert admit(admit(shared, "a", now=NOW + 0.1, limits=[TWO_PER_SECOND]).state, "b", now=NOW + 0.1,
+                     limits=[TWO_PER_SECOND]).send_at == NOW + 1
+
+    def test_requests_alternating_between_two_apis_on_a_shared_key_do_not_flip_flop_the_state(self):
+        state = GateState()
+        for i, origin in enumerate(["https://a.example:443", "https://b.example:443"] * 3):
+            state = for_origin(state, origin, checks_origin=False)
+            state = observe(state, RateLimitInfo(remaining=10 - i, reset_after=60 - i), now=NOW + i)
+        assert state.remaining == 5
+        assert state.origin == "https://a.example:443"
+
+    def test_a_fresh_shared_state_takes_the_first_origin_and_a_damaged_block_holds(self):
+        assert for_origin(GateState(), ORIGIN, checks_origin=False).origin == ORIGIN
+        damaged = for_origin(GateState.from_json("not json", now=NOW), ORIGIN, checks_origin=False)
+        assert damaged.blocked_until == NOW + DAMAGED_STATE_BLOCK_SECONDS
+
+
+# -- header-less APIs, simulated ----------------------------------------------------------------
+
+
+class HeaderlessFixedWindow:
+    """``limit`` requests per ``window`` s, windows starting at ``offset``; a bare 429 beyond."""
+
+    def __init__(self, limit: int, window: float, offset: float) -> None:
+        self.limit, self.window, self.offset = limit, window, offset
+        self.counts: dict[int, int] = {}
+
+    def accepts(self, t: float) -> bool:
+        index = math.floor((t - self.offset) / self.window)
+        if self.counts.get(index, 0) >= self.limit:
+            return False
+        self.counts[index] = self.counts.get(index, 0) + 1
+        return True
+
+
+class HeaderlessTokenBucket:
+    def __init__(self, rate: float, burst: int, start: float) -> None:
+        self.rate, self.burst, self.tokens, self.last = rate, burst, float(burst), start
+
+    def accepts(self, t: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (t - self.last) * self.rate)
+        self.last = t
+        if self.tokens >= 1 - EPS:
+            self.tokens = max(self.tokens - 1, 0.0)
+            return True
+        return False
+
+
+class HeaderlessSlidingLog:
+    def __init__(self, limit: int, window: float) -> None:
+        self.limit, self.window, self.accepted = limit, window, []
+
+    def accepts(self, t: float) -> bool:
+        if sum(1 for at in self.accepted if at > t - self.window) >= self.limit:
+            return False
+        self.accepted.append(t)
+        return True
+
+
+@dataclass
+class DeclaredRun:
+    arrivals: list[float] = field(default_factory=list)
+    refused: int = 0
+    answered: int = 0
+    admits: int = 0
+    last_answer: float = NOW
+    unfinished: int = 0
+
+
+def run_declared(
+    server,
+    limits,
+    *,
+    tasks: int,
+    rng: random.Random,
+    arrival_spread: float = 1.0,
+    max_lateness: float = 0.3,
+    max_latency: float = 0.1,
+    min_wait: float = 0.0,
+    in_process_up_to: float = 0.0,
+    lost_answers: float = 0.0,
+    max_steps: int = 50_000,
+) -> DeclaredRun:
+    """Tasks through the pure gate with ``limits`` against a header-less ``server``: each
+    request reaches the server a random part of its latency after it is let out, and its
+    answer (or, with probability ``lost_answers``, a timeout: ``release_probe``) is observed
+    at the end of it. A task told to wait comes back late by up to ``max_lateness``."""
+    state = GateState(origin=ORIGIN)
+    run = DeclaredRun()
+    events: list[tuple[float, int, str, str, bool]] = []
+    sequence = 0
+
+    def push(at: float, kind: str, task: str, accepted: bool = False) -> None:
+        nonlocal sequence
+        heapq.heappush(events, (at, sequence, kind, task, accepted))
+        sequence += 1
+
+    for index in range(tasks):
+        push(NOW + rng.uniform(0, arrival_spread), "ask", f"t{index}")
+    steps = 0
+    while events and steps < max_steps:
+        steps += 1
+        now, _, kind, task, accepted = heapq.heappop(events)
+        if kind == "ask":
+            run.admits += 1
+            admission = admit(state, task, now=now, limits=limits, min_wait=min_wait, in_process_up_to=in_process_up_to)
+            state = admission.state
+            if admission.send_at > now:
+                back = admission.send_at
+                if back - now > in_process_up_to:
+                    back = max(back, now + min_wait) + rng.uniform(0, max_lateness)
+                push(back, "ask", task)
+                continue
+            reaches = now + rng.uniform(0, max_latency)
+            push(reaches, "arrive", task)
+            push(reaches + rng.uniform(0, max_latency), "answer", task)
+        elif kind == "arrive":
+            run.arrivals.append(now)
+            ok = server.accepts(now)
+            run.refused += not ok
+            events[:] = [(at, seq, k, t, ok if (k, t) == ("answer", task) else a) for at, seq, k, t, a in events]
+            heapq.heapify(events)
+        elif rng.random() < lost_answers:
+            state = release_probe(state, task, now=now)
+            push(now + 1.0, "ask", task)  # timed out: the task tries again
+        else:
+            state = observe(state, SILENT, now=now, ticket=task)
+            if accepted:
+                run.answered += 1
+                run.last_answer = max(run.last_answer, now)
+            else:
+                push(now + 1.0, "ask", task)  # a bare 429: the task backs off and asks again
+    run.unfinished = tasks - run.answered
+    return run
+
+
+def most_in_a_window(times: list[float], seconds: float) -> int:
+    """The largest number of ``times`` in any window ``(t - seconds, t]``."""
+    ordered = sorted(times)
+    return max((sum(1 for s in ordered if end - seconds + 1e-6 < s <= end) for end in ordered), default=0)
+
+
+class TestHeaderlessApis:
+    @pytest.mark.parametrize("offset", [0.0, 0.25, 0.5, 0.999])
+    @pytest.mark.parametrize("seed", [1, 2])
+    def test_ten_per_second_declared_sends_no_request_a_fixed_window_refuses_however_its_windows_fall(
+        self, offset, seed
+    ):
+        run = run_declared(HeaderlessFixedWindow(10, 1.0, NOW + offset), [TEN_PER_SECOND], tasks=60,
+                           rng=random.Random(seed))
+        assert run.unfinished == 0
+        assert run.refused == 0, f"{run.refused} x 429 out of {len(run.arrivals)}"
+        # And it keeps up: 60 requests at 10 a second, each window waiting for an answer.
+        assert run.last_answer - NOW <= 60 / 10 * 1.3 + 1
+
+    @pytest.mark.parametrize("burst", [1, 3, 10])
+    def test_a_token_bucket_of_the_declared_rate_and_burst_refuses_nothing(self, burst):
+        limit = ConfiguredLimit(10, 1.0, burst)
+        run = run_declared(HeaderlessTokenBucket(10.0, burst, NOW), [limit], tasks=50, rng=random.Random(burst))
+        assert (run.unfinished, run.refused) == (0, 0)
+
+    def test_a_sliding_log_server_refuses_nothing_even_with_slow_and_lost_answers(self):
+        run = run_declared(HeaderlessSlidingLog(5, 2.0), [ConfiguredLimit(5, 2.0, 5)], tasks=40,
+                           rng=random.Random(3), max_latency=0.8, lost_answers=0.2, max_lateness=2.0)
+        assert (run.unfinished, run.refused) == (0, 0)
+
+    def test_tasks_that_can_only_come_back_after_a_minimum_delay_still_send_nothing_early(self):
+        run = run_declared(HeaderlessFixedWindow(10, 1.0, NOW + 0.5), [TEN_PER_SECOND], tasks=60,
+                           rng=random.Random(4), min_wait=2.0)
+        assert (run.unfinished, run.refused) == (0, 0)
+
+    def test_without_the_declared_limit_the_same_load_is_refused(self):
+        # The control: the same tasks, the gate told nothing (the API sends no headers).
+        run = run_declared(HeaderlessFixedWindow(10, 1.0, NOW + 0.5), [], tasks=60, rng=random.Random(1))
+        assert run.refused >= 20
+
+
+_DECLARED = st.integers(1, 5).flatmap(
+    lambda requests: st.builds(
+        ConfiguredLimit, st.just(requests), st.sampled_from([0.5, 1.0, 2.0, 5.0]), st.integers(1, requests)
+    )
+)
+
+
+@PROPERTY_SETTINGS
+@given(
+    limits=st.lists(_DECLARED, min_size=1, max_size=2),
+    tasks=st.integers(1, 20),
+    seed=st.integers(0, 2**16),
+    max_lateness=st.sampled_from([0.0, 0.5, 2.0]),
+    max_latency=st.sampled_from([0.0, 0.05, 0.5]),
+    min_wait=st.sampled_from([0.0, 1.0, 2.0]),
+    in_process_up_to=st.sampled_from([0.0, 1.0, 60.0]),
+    lost_answers=st.sampled_from([0.0, 0.3]),
+)
+def test_requests_under_declared_limits_never_exceed_them_in_any_window_at_the_server(
+    limits, tasks, seed, max_lateness, max_latency, min_wait, in_process_up_to, lost_answers
+):
+    # Wherever in its latency each request reaches the server, however late tasks come back,
+    # whatever their minimum wait: in every window of every limit, at most what it declares.
+    rng = random.Random(seed)
+    run = run_declared(
+        HeaderlessSlidingLog(10**6, 1.0), limits, tasks=tasks, rng=rng, arrival_spread=3.0,
+        max_lateness=max_lateness, max_latency=max_latency, min_wait=min_wait,
+        in_process_up_to=in_process_up_to, lost_answers=lost_answers,
+    )
+    assert run.unfinished == 0, "every task got through"
+    for limit in limits:
+        for at_most, seconds in limit.windows:
+            assert most_in_a_window(run.arrivals, seconds) <= at_most, (limit, seconds, sorted(run.arrivals))

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import json
 import math
-from bisect import bisect_right, insort
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -718,74 +718,95 @@ def _pruned_logs(
     return pruned
 
 
-def _earliest_in_window(points: list[tuple[float, int]], start: float, seconds: float, at_most: int) -> float:
-    """The first time from ``start`` at which one more request keeps at most ``at_most`` of
-    ``points`` (sorted ``(time, count)``) plus itself in every window of ``seconds``."""
-    if not points:
-        return start
-    times = [at for at, _ in points]
-    sums = [0, *accumulate(count for _, count in points)]
+@dataclass(frozen=True)
+class _Window:
+    """One sliding window of a configured limit, and the requests counted in it: ``times``
+    sorted, ``totals[i]`` the number of requests at ``times[:i]``."""
 
-    def counted(end: float) -> int:
+    limit: ConfiguredLimit
+    at_most: int
+    seconds: float
+    times: list[float]
+    totals: list[int]
+
+    def counted(self, end: float) -> int:
         """Requests in the window ``(end - seconds, end]``."""
-        return sums[bisect_right(times, end)] - sums[bisect_right(times, end - seconds + SAME_MOMENT_SECONDS)]
+        low = bisect_right(self.times, end - self.seconds + SAME_MOMENT_SECONDS)
+        return self.totals[bisect_right(self.times, end)] - self.totals[low]
 
-    # Windows ending at these already hold at_most: a time within one of them must wait.
-    full = [at for at in times if counted(at) >= at_most]
-    candidates = sorted({start, *(at + seconds for at in times if at + seconds > start)})
-    for moment in candidates:
-        if counted(moment) >= at_most:
-            continue
-        later = bisect_right(full, moment)
-        if later < len(full) and full[later] < moment + seconds - SAME_MOMENT_SECONDS:
-            continue
-        return moment
-    return candidates[-1]  # not reached: after the last point's window nothing is counted
+    def earliest(self, start: float) -> float:
+        """The first time from ``start`` at which one more request keeps every window of
+        ``seconds`` within ``at_most``: the windows ending then, and those ending later."""
+        times, totals, seconds = self.times, self.totals, self.seconds
+        moment = start
+        while True:
+            low = bisect_right(times, moment - seconds + SAME_MOMENT_SECONDS)
+            inside = totals[bisect_right(times, moment)] - totals[low]
+            if inside >= self.at_most:
+                # Full: wait until enough of the earliest requests in it have left.
+                leaving = bisect_left(totals, totals[low] + inside - self.at_most + 1) - 1
+                moment = times[leaving] + seconds
+                continue
+            later = bisect_right(times, moment)
+            while later < len(times) and times[later] < moment + seconds - SAME_MOMENT_SECONDS:
+                if self.counted(times[later]) >= self.at_most:
+                    break  # a later window is full already and would hold this one too
+                later = bisect_right(times, times[later])
+            else:
+                return moment
+            moment = times[later]
 
 
-def _fit(
-    limits: Sequence[ConfiguredLimit], state: GateState, ticket: str, start: float, now: float, *, holder: bool
-) -> tuple[float, ConfiguredLimit | None]:
-    """The first time from ``start`` every limit allows, and the limit that set it (``None``:
-    ``start`` itself). A ``holder`` back at its promised time is not held back by the times
-    promised to others: its place was counted when they were given theirs."""
-    others = [(now, 1) for out, _ in state.in_flight.items() if out != ticket]
-    if not holder:
-        others.extend((max(at, now), 1) for holder_ticket, at in state.tickets.items() if holder_ticket != ticket)
-    checks = []
+def _windows(
+    limits: Sequence[ConfiguredLimit], state: GateState, ticket: str, now: float, *, holder: bool
+) -> list[_Window]:
+    """The windows of ``limits`` with the requests each counts for a task asking at ``now``:
+    those answered (the limit's log), those out (as if answered at any moment now), and,
+    unless the task is a ``holder`` back at its promised time (its place was counted when the
+    others were given theirs), the times promised to other tasks."""
+    others = sorted(at for other, at in state.tickets.items() if other != ticket) if not holder else []
+    # Promised times already past: those tasks are back (or about to be), sending now.
+    due = bisect_left(others, now)
+    out = sum(1 for other in state.in_flight if other != ticket)
+    others[:due] = [now] * (due + out)
+    windows = []
     for limit in limits:
-        points = sorted([*state.limit_logs.get(limit.key, ()), *others])
-        checks.extend((limit, points, at_most, seconds) for at_most, seconds in limit.windows)
+        times, weights = list(others), [1] * len(others)
+        for at, count in state.limit_logs.get(limit.key, ()):
+            place = bisect_right(times, at)
+            times.insert(place, at)
+            weights.insert(place, count)
+        totals = [0, *accumulate(weights)]
+        windows.extend(_Window(limit, at_most, seconds, times, totals) for at_most, seconds in limit.windows)
+    return windows
+
+
+def _fit(windows: Sequence[_Window], start: float) -> tuple[float, ConfiguredLimit | None]:
+    """The first time from ``start`` every window allows, and the limit that set it (``None``:
+    ``start`` itself)."""
     moment, binding = start, None
     for _ in range(_MAX_FIT_ROUNDS):
         moved = False
-        for limit, points, at_most, seconds in checks:
-            allowed = _earliest_in_window(points, moment, seconds, at_most)
+        for window in windows:
+            allowed = window.earliest(moment)
             if allowed > moment:
-                moment, binding, moved = allowed, limit, True
+                moment, binding, moved = allowed, window.limit, True
         if not moved:
             return moment, binding
     # Windows still pushing each other: once every counted request is out of every window,
     # all of them allow it.
-    after_all = max((points[-1][0] + seconds for _, points, _, seconds in checks if points), default=moment)
+    after_all = max((window.times[-1] + window.seconds for window in windows if window.times), default=moment)
     return max(moment, after_all), binding
 
 
 def _kept_fit(
-    limits: Sequence[ConfiguredLimit],
-    state: GateState,
-    ticket: str,
-    start: float,
-    now: float,
-    back_at: Callable[[float], float],
-    *,
-    holder: bool,
+    windows: Sequence[_Window], start: float, back_at: Callable[[float], float]
 ) -> tuple[float, ConfiguredLimit | None]:
     """As :func:`_fit`, a time the task can keep: stretched to its minimum wait, then fitted
     again (a later time may meet other requests' windows)."""
     moment, binding = start, None
     while True:
-        fitted, by = _fit(limits, state, ticket, moment, now, holder=holder)
+        fitted, by = _fit(windows, moment)
         binding = by or binding
         kept = back_at(fitted)
         if kept == fitted:
@@ -805,13 +826,15 @@ def _admit_within_limits(
     if held is not None and held <= now and state.blocked_until <= now:
         # Back at its time. Requests sent since it was given that time (others back late,
         # answers slower than thought) may still fill a window: then it waits for them.
-        when, binding = _kept_fit(limits, state, ticket, now, now, back_at, holder=True)
+        when, binding = _kept_fit(_windows(limits, state, ticket, now, holder=True), now, back_at)
         if when > now:
             return _at(replace(state, updated_at=now), ticket, when, now, _limit_reason(binding))
         return _with_limit_logs(_admit(state, ticket, now, back_at), limits, now)
     if held is not None and now < held and state.blocked_until <= held:
         return _admit(state, ticket, now, back_at)  # back early: the same time again
-    floor, floor_binding = _fit(limits, state, ticket, max(now, state.blocked_until), now, holder=False)
+    # The other tasks' places and requests are the same before and after _admit below.
+    windows = _windows(limits, state, ticket, now, holder=False)
+    floor, floor_binding = _fit(windows, max(now, state.blocked_until))
     admission = _admit(state, ticket, now, back_at, floor)
     if admission.send_at <= now:
         return _with_limit_logs(admission, limits, now)
@@ -819,7 +842,7 @@ def _admit_within_limits(
         return admission  # told to look again: nothing promised
     # What the server said (a reset, its pacing) or a minimum wait moved the time past the
     # floor: fit it again there.
-    when, binding = _kept_fit(limits, admission.state, ticket, admission.send_at, now, back_at, holder=False)
+    when, binding = _kept_fit(windows, admission.send_at, back_at)
     if when == admission.send_at:
         if floor_binding is not None and when == back_at(floor):
             return replace(admission, reason=_limit_reason(floor_binding))

@@ -92,6 +92,11 @@ DAMAGED_STATE_BLOCK_SECONDS = 30.0
 MAX_LOG_ENTRIES = 64
 #: Configured limits one gate keeps a log for (several operators may declare different ones).
 MAX_LIMIT_LOGS = 16
+#: Two resets this close are the same window's, read at different moments: a reset measured
+#: against a response's ``Date`` (whole seconds) varies by up to a second between answers.
+SAME_WINDOW_SECONDS = 1.0
+#: A window length this close above a whole second is that second (float arithmetic on epoch times).
+WHOLE_SECOND_TOLERANCE = 1e-3
 #: Two float times this close are one moment (epoch seconds have ~0.2 us of precision).
 SAME_MOMENT_SECONDS = 1e-6
 
@@ -466,7 +471,9 @@ def observe(
     unseen = sum(1 for let_through in in_flight.values() if sent_at is None or let_through > sent_at)
     blocked_until = state.blocked_until
     same_window = (
-        reported_reset is not None and state.reset_at is not None and abs(reported_reset - state.reset_at) <= 1.0
+        reported_reset is not None
+        and state.reset_at is not None
+        and abs(reported_reset - state.reset_at) <= SAME_WINDOW_SECONDS
     )
     if reported_remaining is None:
         remaining = state.remaining
@@ -574,6 +581,14 @@ def _admit(
             # block): the holders don't all go at once, the probe rule below lets one first.
         elif state.blocked_until <= held:
             return Admission(send_at=held, reason="waiting for its turn at the shared gate", state=state)
+        elif not state.interval and state.blocked_until - held <= SAME_WINDOW_SECONDS:
+            # Windows: the block moved just past our time, the same reset read again (an epoch
+            # reset is measured against the response's Date, whole seconds, so two answers of
+            # one window give resets up to a second apart). Keep the place; wait for the block.
+            # Queueing again would count this task into the windows after the next. (When
+            # pacing, a later time would fall on the next task's slot: it queues again.)
+            state = replace(state, tickets={**state.tickets, ticket: back_at(state.blocked_until)}, updated_at=now)
+            return _at(state, ticket, state.tickets[ticket], now, "waiting for its turn at the shared gate")
         else:
             # The gate closed past our time: queue again from blocked_until.
             state = _release(state, ticket, now)
@@ -606,11 +621,15 @@ def _admit(
         if taken < state.limit:
             return _at(state, ticket, slot, now, "quota spent, waiting for the window to reset (shared gate)")
         # The next window's quota is handed out too: look again once the window this task
-        # would fit in (``taken // limit`` windows later) can have opened. The windows'
-        # length is known only from below, so the look may come early (and the task waits
-        # again), never late by more than RECHECK_SECONDS; it sends nothing by itself.
+        # would fit in (``taken // limit`` windows later) can have opened, and not later,
+        # so the task uses that window's quota as it opens. The windows' length is known
+        # only from below, so the look may come early (the task then holds the reset the
+        # next window reported and waits again); it sends nothing by itself.
         windows_later = taken // state.limit
-        return _recheck(state, ticket, back_at(slot + windows_later * state.window_seconds + RECHECK_SECONDS), now)
+        if not state.window_seconds:
+            return _recheck(state, ticket, back_at(slot + RECHECK_SECONDS), now)
+        length = _whole_window_seconds(state.window_seconds)
+        return _recheck(state, ticket, back_at(slot + windows_later * length), now)
 
     if state.limit and any(send_at <= now for send_at in state.tickets.values()):
         # A window's quota was handed out and its holders have not reported yet: wait
@@ -620,6 +639,18 @@ def _admit(
     # Quota reported spent but no reset time or rate: only the block is known; past it,
     # let the server say what comes next.
     return _at(state, ticket, back_at(start), now, "the API is blocked (shared gate)")
+
+
+def _whole_window_seconds(lower_bound: float) -> float:
+    """A fixed window's length, from a lower bound (its first report to its reset).
+
+    Resets are whole epoch seconds (``X-RateLimit-Reset``) and windows last whole seconds
+    (GitHub's hour, most APIs' minute), so the length is at least the bound rounded up. The
+    old estimate, the bound plus RECHECK_SECONDS, brought the tasks of the window after next
+    back up to a second after it opened (half a second on average: the first request's
+    offset within its second), which made the whole run later by that much.
+    """
+    return float(math.ceil(lower_bound - WHOLE_SECOND_TOLERANCE))
 
 
 def _send_now(state: GateState, ticket: str, now: float) -> Admission:

@@ -95,6 +95,10 @@ MAX_LIMIT_LOGS = 16
 #: Two resets this close are the same window's, read at different moments: a reset measured
 #: against a response's ``Date`` (whole seconds) varies by up to a second between answers.
 SAME_WINDOW_SECONDS = 1.0
+#: A task that can wait where it is and fits only in a later window looks again a quarter of a
+#: window before it opens, at most this long, to hold its exact reset: by then the window
+#: before has reported it, and the looks of a whole window's tasks are through the store.
+EARLY_LOOK_SECONDS = 60.0
 #: A window length this close above a whole second is that second (float arithmetic on epoch times).
 WHOLE_SECOND_TOLERANCE = 1e-3
 #: Two float times this close are one moment (epoch seconds have ~0.2 us of precision).
@@ -464,8 +468,15 @@ def observe(
     interval = _seconds(info.interval) or None
     reported_limit = _count(info.limit)
 
-    in_flight = dict(state.in_flight)
+    in_flight, tickets = dict(state.in_flight), state.tickets
     sent_at = in_flight.pop(ticket, None) if ticket is not None else None
+    if ticket in tickets:
+        # A holder sent at its time without writing the gate: its ticket stood for the
+        # request until now, and it went no earlier than that time.
+        held = tickets[ticket]
+        tickets = {other: at for other, at in tickets.items() if other != ticket}
+        if sent_at is None and held <= now:
+            sent_at = held
     # Requests let through after this one was are not in the server's count yet (and when
     # we don't know when this one went, none of those out are): they will spend quota too.
     unseen = sum(1 for let_through in in_flight.values() if sent_at is None or let_through > sent_at)
@@ -481,7 +492,7 @@ def observe(
         # The server's count does not know the send times we have already handed out
         # for this window: those tasks will spend quota too.
         window_end = reported_reset if reported_reset is not None else math.inf
-        promised = sum(1 for send_at in state.tickets.values() if send_at < window_end)
+        promised = sum(1 for send_at in tickets.values() if _outstanding(send_at, now) and send_at < window_end)
         remaining = max(reported_remaining - promised - unseen, 0)
         if same_window and state.remaining is not None:
             # Within one window the quota only shrinks.
@@ -517,6 +528,7 @@ def observe(
         window_first_seen=window_first_seen,
         window_seconds=window_seconds,
         in_flight=in_flight,
+        tickets=tickets,
         # The server has seen this request: it counts against each configured limit for
         # the limit's window from now (when it was seen is not known more closely).
         limit_logs=_with_answer(state.limit_logs, now),
@@ -531,6 +543,7 @@ def admit(
     in_process_up_to: float = 0.0,
     min_wait: float = 0.0,
     limits: Sequence[ConfiguredLimit] = (),
+    reports_answers: bool = False,
 ) -> Admission:
     """May the task holding ``ticket`` send now? If not, when? Never before ``blocked_until``,
     and never before every one of the configured ``limits`` allows.
@@ -548,6 +561,13 @@ def admit(
     server said: a newcomer is given the first time that fits every limit, counting the
     requests out, answered, and promised to other tasks; a task back at its promised time is
     held back only by requests really sent since (it had its place).
+
+    ``reports_answers``: the caller always tells the gate how its request ended
+    (:func:`observe` with its ticket, or :func:`release_probe`), as the operator and its
+    trigger do. A holder back at its time is then let through *without changing the state*:
+    its ticket stands for the request until that report, so a store need not write, and the
+    tasks sending as a window opens queue for the store only to read it. (Not with
+    configured limits, which count each request out from when it is let out.)
     """
 
     def back_at(moment: float) -> float:
@@ -557,9 +577,13 @@ def admit(
 
     state = _expire(state, now)
     if limits:
-        admission = _admit_within_limits(state, ticket, now, back_at, tuple(limits))
+        admission = _admit_within_limits(state, ticket, now, back_at, tuple(limits), in_process_up_to)
     else:
-        admission = _admit(state, ticket, now, back_at)
+        # A holder back at its time need not write the gate if its answer will be reported,
+        # unless configured limits count the requests out (another task's may: their logs
+        # are in the state).
+        record_send = not reports_answers or bool(state.limit_logs)
+        admission = _admit(state, ticket, now, back_at, in_process_up_to=in_process_up_to, record_send=record_send)
     latest = now + HORIZON_SECONDS
     if admission.send_at > latest or admission.state.next_slot > latest:
         # A place further than the horizon (a long backlog at a slow rate) is not promised
@@ -569,14 +593,26 @@ def admit(
 
 
 def _admit(
-    state: GateState, ticket: str, now: float, back_at: Callable[[float], float], floor: float = 0.0
+    state: GateState,
+    ticket: str,
+    now: float,
+    back_at: Callable[[float], float],
+    floor: float = 0.0,
+    in_process_up_to: float = 0.0,
+    record_send: bool = True,
 ) -> Admission:
     held = state.tickets.get(ticket)
     if held is not None:
         if held <= now and state.blocked_until <= now:
-            state = _release(state, ticket, now)
             if state.remaining is not None or state.observed_at:
-                return _send_now(state, ticket, now)
+                if not record_send:
+                    # Its place was counted when it was given it, and its ticket stands for the
+                    # request until the answer is observed (observe and release_probe drop it):
+                    # nothing to write, so tasks sending as a window opens queue for the store
+                    # only to read it.
+                    return Admission(send_at=now, reason=None, state=state)
+                return _send_now(_release(state, ticket, now), ticket, now)
+            state = _release(state, ticket, now)
             # Held through a block while nothing was known about the API (a damaged state's
             # block): the holders don't all go at once, the probe rule below lets one first.
         elif state.blocked_until <= held:
@@ -621,17 +657,22 @@ def _admit(
         if taken < state.limit:
             return _at(state, ticket, slot, now, "quota spent, waiting for the window to reset (shared gate)")
         # The next window's quota is handed out too: look again once the window this task
-        # would fit in (``taken // limit`` windows later) can have opened, and not later,
-        # so the task uses that window's quota as it opens. The windows' length is known
-        # only from below, so the look may come early (the task then holds the reset the
-        # next window reported and waits again); it sends nothing by itself.
-        windows_later = taken // state.limit
+        # would fit in (``taken // limit`` windows later) can have opened, so it uses that
+        # window's quota as it opens. The look sends nothing by itself.
         if not state.window_seconds:
             return _recheck(state, ticket, back_at(slot + RECHECK_SECONDS), now)
-        length = _whole_window_seconds(state.window_seconds)
-        return _recheck(state, ticket, back_at(slot + windows_later * length), now)
+        windows_later = taken // state.limit
+        early = min(EARLY_LOOK_SECONDS, state.window_seconds / 4)
+        look = slot + windows_later * state.window_seconds - early
+        if look - now <= in_process_up_to:
+            # It can wait where it is (a trigger): it looks a little before the window opens,
+            # when the window before has reported the exact reset, and holds that.
+            return _recheck(state, ticket, back_at(max(look, now)), now)
+        # A look too early would cost a rescheduled task another launch: it comes when the
+        # window opens, as far as the length is known.
+        return _recheck(state, ticket, back_at(slot + windows_later * _whole_window_seconds(state.window_seconds)), now)
 
-    if state.limit and any(send_at <= now for send_at in state.tickets.values()):
+    if state.limit and any(_outstanding(send_at, now) and send_at <= now for send_at in state.tickets.values()):
         # A window's quota was handed out and its holders have not reported yet: wait
         # for what the server tells them instead of sending on top of them (and not before
         # the block: nobody may send before it anyway).
@@ -641,16 +682,22 @@ def _admit(
     return _at(state, ticket, back_at(start), now, "the API is blocked (shared gate)")
 
 
-def _whole_window_seconds(lower_bound: float) -> float:
-    """A fixed window's length, from a lower bound (its first report to its reset).
+def _whole_window_seconds(length: float) -> float:
+    """A fixed window's length, from the longest seen from a window's first answer to its reset.
 
-    Resets are whole epoch seconds (``X-RateLimit-Reset``) and windows last whole seconds
-    (GitHub's hour, most APIs' minute), so the length is at least the bound rounded up. The
-    old estimate, the bound plus RECHECK_SECONDS, brought the tasks of the window after next
-    back up to a second after it opened (half a second on average: the first request's
-    offset within its second), which made the whole run later by that much.
+    Windows last whole seconds (GitHub's hour, most APIs' minute) and that figure is below
+    the length by how late the first answer came, so it is rounded up. (The reset itself is
+    read up to a second late, against a whole-second Date: then this is a second long.) It
+    replaces the figure plus RECHECK_SECONDS, which brought these tasks back up to a second
+    after their window opened even when the reset was read exactly.
     """
-    return float(math.ceil(lower_bound - WHOLE_SECOND_TOLERANCE))
+    return float(math.ceil(length - WHOLE_SECOND_TOLERANCE))
+
+
+def _outstanding(send_at: float, now: float) -> bool:
+    """A time handed out is still a request to come (or out, unanswered): not one whose task
+    is long gone."""
+    return send_at > now - IN_FLIGHT_TTL_SECONDS
 
 
 def _send_now(state: GateState, ticket: str, now: float) -> Admission:
@@ -795,7 +842,9 @@ def _windows(
     those answered (the limit's log), those out (as if answered at any moment now), and,
     unless the task is a ``holder`` back at its promised time (its place was counted when the
     others were given theirs), the times promised to other tasks."""
-    others = sorted(at for other, at in state.tickets.items() if other != ticket) if not holder else []
+    others = [] if holder else sorted(
+        at for other, at in state.tickets.items() if other != ticket and _outstanding(at, now)
+    )
     # Promised times already past: those tasks are back (or about to be), sending now.
     due = bisect_left(others, now)
     out = sum(1 for other in state.in_flight if other != ticket)
@@ -851,7 +900,12 @@ def _limit_reason(limit: ConfiguredLimit | None) -> str:
 
 
 def _admit_within_limits(
-    state: GateState, ticket: str, now: float, back_at: Callable[[float], float], limits: Sequence[ConfiguredLimit]
+    state: GateState,
+    ticket: str,
+    now: float,
+    back_at: Callable[[float], float],
+    limits: Sequence[ConfiguredLimit],
+    in_process_up_to: float,
 ) -> Admission:
     held = state.tickets.get(ticket)
     if held is not None and held <= now and state.blocked_until <= now:
@@ -860,13 +914,13 @@ def _admit_within_limits(
         when, binding = _kept_fit(_windows(limits, state, ticket, now, holder=True), now, back_at)
         if when > now:
             return _at(replace(state, updated_at=now), ticket, when, now, _limit_reason(binding))
-        return _with_limit_logs(_admit(state, ticket, now, back_at), limits, now)
+        return _with_limit_logs(_admit(state, ticket, now, back_at, in_process_up_to=in_process_up_to), limits, now)
     if held is not None and now < held and state.blocked_until <= held:
-        return _admit(state, ticket, now, back_at)  # back early: the same time again
+        return _admit(state, ticket, now, back_at, in_process_up_to=in_process_up_to)  # back early: the same time
     # The other tasks' places and requests are the same before and after _admit below.
     windows = _windows(limits, state, ticket, now, holder=False)
     floor, floor_binding = _fit(windows, max(now, state.blocked_until))
-    admission = _admit(state, ticket, now, back_at, floor)
+    admission = _admit(state, ticket, now, back_at, floor, in_process_up_to)
     if admission.send_at <= now:
         return _with_limit_logs(admission, limits, now)
     if admission.state.tickets.get(ticket) != admission.send_at:
@@ -896,17 +950,18 @@ def _with_limit_logs(admission: Admission, limits: Sequence[ConfiguredLimit], no
 
 
 def release_probe(state: GateState, ticket: str | None = None, *, now: float | None = None) -> GateState:
-    """A request got no answer (refused, timed out): it is no longer out, and if it was the
-    first-contact probe, the next task may try.
+    """A request got no answer (refused, timed out): it is no longer out (nor holds a time),
+    and if it was the first-contact probe, the next task may try.
 
     It may still have reached the server, so it counts against the configured limits as if
     answered at ``now`` (when not given, at when it was let out: pass ``now``).
     """
     in_flight = {k: v for k, v in state.in_flight.items() if k != ticket}
+    tickets = {k: v for k, v in state.tickets.items() if k != ticket}
     logs = state.limit_logs
     if ticket in state.in_flight:
         logs = _with_answer(logs, state.in_flight[ticket] if now is None else now)
-    return replace(state, probe_until=0.0, in_flight=in_flight, limit_logs=logs)
+    return replace(state, probe_until=0.0, in_flight=in_flight, tickets=tickets, limit_logs=logs)
 
 
 def is_open(state: GateState, now: float) -> bool:

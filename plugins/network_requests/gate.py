@@ -11,8 +11,10 @@ again:
   evenly spaced sends stay within a token bucket and within any fixed window;
 - **windows**: when the server only states a quota and when it resets (GitHub's
   ``X-RateLimit-Limit/Remaining/Reset``), up to ``limit`` tasks get the reset time itself,
-  and each of the rest looks again once the window it fits in can have opened (the window's
-  length is known from below: from its first report to its reset), so it comes back once;
+  and each of the rest looks again when the window it fits in opens (as far as the window's
+  length is known: from its first report to its reset), so each window's quota is used as
+  soon as it opens; a task that can wait where it is (a trigger) looks a little before and
+  holds the exact reset the window before reported;
 - **configured limits**: limits the user declared (:mod:`network_requests.configured_limits`,
   for APIs that announce none) hold on top of all that, the stricter wins. Each is a sliding
   window over the requests the gate let out: a request counts from when it is let out until
@@ -21,9 +23,12 @@ again:
 
 Each task holds a *ticket* (its task-instance key). A task that comes back at its time
 sends only if the gate has not been closed further meanwhile; otherwise it is given a new
-time. Every function here takes ``now`` (epoch seconds) and returns a new state: the
-storage and locking live in :mod:`network_requests.gate_store`, and what a response says
-is read by :mod:`network_requests.rate_limit_headers` (nothing here reads a header).
+time. When its caller reports every answer (``admit(reports_answers=True)``), its ticket
+stands for the request until that report, and sending at its time changes nothing to store.
+
+Every function here takes ``now`` (epoch seconds) and returns a new state: the storage and
+locking live in :mod:`network_requests.gate_store`, and what a response says is read by
+:mod:`network_requests.rate_limit_headers` (nothing here reads a header).
 
 The state is bounded and fails safe, because one stored value outlives the response that
 caused it and every later task of the connection reads it:

@@ -1290,7 +1290,8 @@ class TestGateKeys:
 
     def test_the_default_key_resets_a_state_written_for_another_api(self):
         state = known_api([TWO_PER_SECOND])
-        assert for_origin(state, "https://uploads.example.com:443") == GateState(origin="https://uploads.example.com:443")
+        uploads = "https://uploads.example.com:443"
+        assert for_origin(state, uploads) == GateState(origin=uploads)
 
     def test_a_shared_key_keeps_the_quota_whatever_api_asks(self):
         state = known_api([TWO_PER_SECOND])
@@ -1711,7 +1712,8 @@ class TestFixedWindowPacing:
         state = admit(state, "dead", now=NOW + 20, reports_answers=True).state
         soon = observe(state, RateLimitInfo(limit=20, remaining=10, reset_after=19), now=NOW + 21)
         assert soon.remaining == 9
-        late = observe(state, RateLimitInfo(limit=20, remaining=10, reset_after=19), now=NOW + 20 + IN_FLIGHT_TTL_SECONDS + 1)
+        gone = NOW + 20 + IN_FLIGHT_TTL_SECONDS + 1
+        late = observe(state, RateLimitInfo(limit=20, remaining=10, reset_after=19), now=gone)
         assert late.remaining == 10
 
     def test_with_configured_limits_a_holder_is_counted_out_even_when_it_reports_answers(self):

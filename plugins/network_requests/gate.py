@@ -549,6 +549,7 @@ def admit(
     min_wait: float = 0.0,
     limits: Sequence[ConfiguredLimit] = (),
     reports_answers: bool = False,
+    cheap_looks: bool = False,
 ) -> Admission:
     """May the task holding ``ticket`` send now? If not, when? Never before ``blocked_until``,
     and never before every one of the configured ``limits`` allows.
@@ -573,6 +574,11 @@ def admit(
     its ticket stands for the request until that report, so a store need not write, and the
     tasks sending as a window opens queue for the store only to read it. (Not with
     configured limits, which count each request out from when it is let out.)
+
+    ``cheap_looks``: asking again costs the task no launch even after a long wait (it waits
+    in the triggerer: a deferrable task, or the trigger itself), so a task that fits only in
+    a later window may be told to look a little before that window opens and hold its exact
+    reset. Without it, only a task that can wait ``in_process_up_to`` that long is.
     """
 
     def back_at(moment: float) -> float:
@@ -581,14 +587,16 @@ def admit(
         return max(moment, now + min_wait)
 
     state = _expire(state, now)
+    # How far ahead the task may be told to look again at no cost (see _admit's windows).
+    look_ahead = math.inf if cheap_looks else in_process_up_to
     if limits:
-        admission = _admit_within_limits(state, ticket, now, back_at, tuple(limits), in_process_up_to)
+        admission = _admit_within_limits(state, ticket, now, back_at, tuple(limits), look_ahead)
     else:
         # A holder back at its time need not write the gate if its answer will be reported,
         # unless configured limits count the requests out (another task's may: their logs
         # are in the state).
         record_send = not reports_answers or bool(state.limit_logs)
-        admission = _admit(state, ticket, now, back_at, in_process_up_to=in_process_up_to, record_send=record_send)
+        admission = _admit(state, ticket, now, back_at, look_ahead=look_ahead, record_send=record_send)
     latest = now + HORIZON_SECONDS
     if admission.send_at > latest or admission.state.next_slot > latest:
         # A place further than the horizon (a long backlog at a slow rate) is not promised
@@ -603,7 +611,7 @@ def _admit(
     now: float,
     back_at: Callable[[float], float],
     floor: float = 0.0,
-    in_process_up_to: float = 0.0,
+    look_ahead: float = 0.0,
     record_send: bool = True,
 ) -> Admission:
     held = state.tickets.get(ticket)
@@ -669,9 +677,10 @@ def _admit(
         windows_later = taken // state.limit
         early = min(EARLY_LOOK_SECONDS, state.window_seconds / 4)
         look = slot + windows_later * state.window_seconds - early
-        if look - now <= in_process_up_to:
-            # It can wait where it is (a trigger): it looks a little before the window opens,
-            # when the window before has reported the exact reset, and holds that.
+        if look - now <= look_ahead:
+            # Looking again costs it nothing (it waits in a trigger): it looks a little before
+            # the window opens, when the window before has reported the exact reset, and
+            # holds that.
             return _recheck(state, ticket, back_at(max(look, now)), now)
         # A look too early would cost a rescheduled task another launch: it comes when the
         # window opens, as far as the length is known.
@@ -910,7 +919,7 @@ def _admit_within_limits(
     now: float,
     back_at: Callable[[float], float],
     limits: Sequence[ConfiguredLimit],
-    in_process_up_to: float,
+    look_ahead: float,
 ) -> Admission:
     held = state.tickets.get(ticket)
     if held is not None and held <= now and state.blocked_until <= now:
@@ -919,13 +928,13 @@ def _admit_within_limits(
         when, binding = _kept_fit(_windows(limits, state, ticket, now, holder=True), now, back_at)
         if when > now:
             return _at(replace(state, updated_at=now), ticket, when, now, _limit_reason(binding))
-        return _with_limit_logs(_admit(state, ticket, now, back_at, in_process_up_to=in_process_up_to), limits, now)
+        return _with_limit_logs(_admit(state, ticket, now, back_at, look_ahead=look_ahead), limits, now)
     if held is not None and now < held and state.blocked_until <= held:
-        return _admit(state, ticket, now, back_at, in_process_up_to=in_process_up_to)  # back early: the same time
+        return _admit(state, ticket, now, back_at, look_ahead=look_ahead)  # back early: the same time again
     # The other tasks' places and requests are the same before and after _admit below.
     windows = _windows(limits, state, ticket, now, holder=False)
     floor, floor_binding = _fit(windows, max(now, state.blocked_until))
-    admission = _admit(state, ticket, now, back_at, floor, in_process_up_to)
+    admission = _admit(state, ticket, now, back_at, floor, look_ahead)
     if admission.send_at <= now:
         return _with_limit_logs(admission, limits, now)
     if admission.state.tickets.get(ticket) != admission.send_at:

@@ -921,14 +921,19 @@ _OBSERVE = st.tuples(
 _LIMITS = st.sampled_from(
     [(), (ConfiguredLimit(2, 1.0, 2),), (ConfiguredLimit(3, 5.0, 1), ConfiguredLimit(5, 3600.0, 5))]
 )
-#: (ticket, in_process_up_to, min_wait, limits, reports_answers): how long the task can wait
-#: where it is, the least it waits otherwise (a deferral's minimum delay), its configured
-#: limits, and whether it reports how its request ended.
+#: (ticket, in_process_up_to, min_wait, limits, reports_answers, cheap_looks): how long the
+#: task can wait where it is, the least it waits otherwise (a deferral's minimum delay), its
+#: configured limits, whether it reports how its request ended, whether it waits in a trigger.
 _ADMIT = st.tuples(
     st.just("admit"),
     _STEP,
     st.tuples(
-        _TICKET, st.sampled_from([0.0, 1.0, 60.0, math.inf]), st.sampled_from([0.0, 1.0, 2.0]), _LIMITS, st.booleans()
+        _TICKET,
+        st.sampled_from([0.0, 1.0, 60.0, math.inf]),
+        st.sampled_from([0.0, 1.0, 2.0]),
+        _LIMITS,
+        st.booleans(),
+        st.booleans(),
     ),
     st.none(),
 )
@@ -975,10 +980,10 @@ def test_any_sequence_of_observations_and_admissions_keeps_the_gates_invariants(
             if until is not None and until > now:
                 assert state.blocked_until >= min(until, now + HORIZON_SECONDS) - 1e-6
         else:
-            ticket, in_process_up_to, min_wait, limits, reports_answers = payload
+            ticket, in_process_up_to, min_wait, limits, reports_answers, cheap_looks = payload
             admission = admit(
                 state, ticket, now=now, in_process_up_to=in_process_up_to, min_wait=min_wait, limits=limits,
-                reports_answers=reports_answers,
+                reports_answers=reports_answers, cheap_looks=cheap_looks,
             )
             state = admission.state
             # Never a send time before blocked_until, whether before or after the change.
@@ -1516,7 +1521,8 @@ def test_requests_under_declared_limits_never_exceed_them_in_any_window_at_the_s
 # the first request's whole second, GitHub's X-RateLimit-Reset (epoch seconds). The header reader
 # measures that reset against the response's Date (whole seconds), so each answer reports the
 # window's end up to a second late. 60 tasks start 4 at a time (worker slots, ~1.15 s a launch),
-# wait in the triggerer (an exact sleep, then a wake-up latency), and reach the gate through a
+# defer (a deferral's minimum delay: 1 s), wait in the triggerer (an exact sleep, then a
+# wake-up latency), and reach the gate through a
 # store that serialises its updates: an update that writes costs `write_seconds`, one that
 # changes nothing `read_seconds` (the stores skip the write). A task's `now` is taken before it
 # queues for the store, as gate_access does.
@@ -1571,6 +1577,8 @@ def run_bench_window(
     slots: int = 4,
     launch_seconds: float = 1.15,
     reports_answers: bool = True,
+    cheap_looks: bool = True,
+    min_defer_seconds: float = 1.0,
 ) -> BenchRun:
     rng = random.Random(seed)
     start = NOW + rng.random()  # the first request's offset in its second shapes the first window
@@ -1588,6 +1596,7 @@ def run_bench_window(
         push(start + (index // slots) * launch_seconds + rng.uniform(0, 0.3), "ask", f"dag|run|fetch|{index}")
     first = last = None
     refused = early = admits = writes = 0
+    deferred: set[str] = set()
     announced = 0.0
     while events:
         at, _, kind, task, payload = heapq.heappop(events)
@@ -1610,7 +1619,16 @@ def run_bench_window(
         before = state.to_json()
         if kind == "ask":
             admits += 1
-            admission = admit(state, task, now=at, in_process_up_to=math.inf, reports_answers=reports_answers)
+            # The first ask is on a worker, which defers what it can't wait in process; the
+            # others are in the triggerer, which sleeps to any moment.
+            in_worker = task not in deferred
+            deferred.add(task)
+            admission = admit(
+                state, task, now=at, reports_answers=reports_answers,
+                in_process_up_to=0.0 if in_worker else math.inf,
+                min_wait=min_defer_seconds if in_worker else 0.0,
+                cheap_looks=cheap_looks or not in_worker,
+            )
             state = admission.state
         else:
             info, until = payload
@@ -1660,6 +1678,15 @@ class TestFixedWindowPacing:
         held = admit(state, "later", now=NOW + 35, in_process_up_to=math.inf)
         assert held.send_at == pytest.approx(NOW + 40.3)
         assert held.state.tickets["later"] == held.send_at
+
+    def test_a_task_deferred_from_a_worker_looks_early_too_when_told_looks_are_cheap(self):
+        state = self.spent_window(first_seen_offset=0.3)
+        _, state = admit_all(state, [f"next{i}" for i in range(20)], now=NOW + 1)
+        hints = {"in_process_up_to": 5.0, "min_wait": 1.0}
+        assert admit(state, "later", now=NOW + 1, cheap_looks=True, **hints).send_at == pytest.approx(
+            NOW + 20 + 19.7 * 3 / 4
+        )
+        assert admit(state, "later", now=NOW + 1, **hints).send_at == NOW + 40  # a reschedule: at the opening
 
     def test_a_task_that_cannot_wait_where_it_is_looks_when_its_window_opens_not_a_second_after(self):
         # The length from the first answer (at NOW + 0.3) to the reset is 19.7 s: windows last
@@ -1755,3 +1782,14 @@ class TestBenchFixedWindow:
 
         # 20 holders at a window's opening each read the store instead of writing it.
         assert mean_over(True) < mean_over(False) - 0.5
+
+    def test_tasks_deferred_from_a_worker_that_look_early_send_as_the_last_window_opens(self):
+        def mean_over(cheap_looks: bool) -> float:
+            runs = [run_bench_window(seed, cheap_looks=cheap_looks) for seed in self.SEEDS]
+            assert all(run.refused == 0 and run.early == 0 for run in runs), runs
+            return sum(run.over_ideal for run in runs) / len(runs)
+
+        # Told that looking again costs them nothing, they hold the exact reset before the
+        # window opens; otherwise they come when it can have opened, a whole second late when
+        # the reset was read a fraction late.
+        assert mean_over(True) < mean_over(False) - 0.3

@@ -81,7 +81,10 @@ class RateLimitedRequestTrigger(BaseTrigger):
     """Wait until ``moment``, then send the described request from the triggerer.
 
     :param moment: the earliest time the request may be sent (UTC).
-    :param request: ``RequestSpec.to_dict()``: the request, its caps, and its task instance.
+    :param request: ``RequestSpec.to_dict()``: the request, its caps, and its task instance;
+        ``None`` for a request a worker must send: the trigger then only waits, and hands the
+        budget back in its event (unlike a ``DateTimeTrigger``, whose event carries no kwargs
+        under ``dag.test()``, and which wakes up to a second late).
     :param budget: ``WaitBudget.to_dict()``: what this try has waited so far.
     """
 
@@ -92,12 +95,14 @@ class RateLimitedRequestTrigger(BaseTrigger):
             raise ValueError("moment must be timezone-aware")
         self.moment = moment
         self.request = request
-        # A trigger stored by an earlier version of the plugin: it only waits; the worker sends.
+        # A trigger stored by an earlier version of the plugin only waits too; the worker sends.
         self.budget = budget if budget is not None else {k: legacy.get(k) for k in ("rate_limit_waits", "waiting_since")}
 
     def __repr__(self) -> str:
         # The task and the moment only: the request's data is the user's business, not the log's.
-        task = (self.request or {}).get("task") or {}
+        if self.request is None:
+            return f"<RateLimitedRequestTrigger waiting until {self.moment.isoformat()}>"
+        task = self.request.get("task") or {}
         label = f"{task.get('dag_id')}.{task.get('task_id')}[{task.get('map_index')}]"
         return f"<RateLimitedRequestTrigger {label} at {self.moment.isoformat()}>"
 

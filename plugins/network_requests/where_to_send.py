@@ -61,15 +61,13 @@ def why_send_from_worker(operator: Any, base: type, spec: Callable[[], RequestSp
 
 
 def deferral_trigger(operator: Any, base: type, step: Wait, task: TaskRef, *, worker_only: Collection[str]) -> Any:
-    """The trigger of a deferred wait: one that sends the request itself, when it can; else a
-    ``DateTimeTrigger`` (the task then sends from a worker, and the log says why)."""
+    """The trigger of a deferred wait: one that sends the request itself when it can, else one
+    that only waits (and carries nothing but the wait budget); the log then says why."""
+    from network_requests.triggers import RateLimitedRequestTrigger
+
     reason = why_send_from_worker(operator, base, lambda: operator.request_spec(task), worker_only=worker_only)
     if reason is None:
-        from network_requests.triggers import RateLimitedRequestTrigger
-
         return RateLimitedRequestTrigger(step.resume_at, operator.request_spec(task).to_dict(), step.budget.to_dict())
     if operator.finish_in_triggerer:
         operator.log.info("Waiting in the triggerer; the request is sent from a worker afterwards, because %s", reason)
-    from airflow.providers.standard.triggers.temporal import DateTimeTrigger
-
-    return DateTimeTrigger(moment=step.resume_at)
+    return RateLimitedRequestTrigger(step.resume_at, None, step.budget.to_dict())

@@ -269,8 +269,6 @@ def test_the_operators_own_behaviour_finishes_in_the_triggerer_by_default():
          "authorization", "cookie", "token_in_query", "proxy_password"],
 )
 def test_what_the_triggerer_cannot_run_waits_there_and_sends_from_a_worker(kwargs):
-    from airflow.providers.standard.triggers.temporal import DateTimeTrigger
-
     from network_requests.engine import Mode, Wait, WaitBudget
     from network_requests.operators import _WORKER_ONLY, NetworkRequestOperator
     from network_requests.rate_limit import WaitSource
@@ -281,9 +279,12 @@ def test_what_the_triggerer_cannot_run_waits_there_and_sends_from_a_worker(kwarg
     assert not operator.finishes_in_triggerer()
     if operator.deferrable:
         now = datetime.now(timezone.utc)
-        step = Wait(now, now, 0.0, WaitSource.RETRY_AFTER, Mode.DEFER, WaitBudget())
+        budget = WaitBudget(rate_limit_waits=3, immediate_in_a_row=2, waiting_since=now)
+        step = Wait(now, now, 0.0, WaitSource.RETRY_AFTER, Mode.DEFER, budget)
         trigger = deferral_trigger(operator, NetworkRequestOperator, step, TaskRef("d", "r", "t"), worker_only=_WORKER_ONLY)
-        assert isinstance(trigger, DateTimeTrigger)
+        _, stored = trigger.serialize()
+        assert stored["request"] is None, "a trigger that only waits: nothing of the request is stored"
+        assert WaitBudget.from_dict(stored["budget"]) == budget
 
 
 def test_a_subclass_that_changes_what_a_response_means_sends_from_a_worker():

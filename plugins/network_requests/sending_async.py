@@ -59,7 +59,10 @@ class PreparedSend:
     credentials (in ``headers``): kept in memory only, never logged or serialised."""
 
     method: str
+    #: Where the request goes (the query of a GET's data included).
     url: str
+    #: The endpoint's URL as a worker names it in messages (``HttpHook.url_from_endpoint``).
+    endpoint_url: str
     base_url: str
     headers: dict[str, str]
     body: bytes | None
@@ -70,7 +73,7 @@ class PreparedSend:
     max_redirects: int
 
     def __repr__(self) -> str:
-        return f"<PreparedSend {self.method} {redact_url(self.url)}>"
+        return f"<PreparedSend {self.method} {redact_url(self.endpoint_url)}>"
 
 
 def prepare(spec: RequestSpec) -> PreparedSend:
@@ -94,7 +97,7 @@ def prepare(spec: RequestSpec) -> PreparedSend:
     merged = hook.merged_extra
     body = prepared.body.encode() if isinstance(prepared.body, str) else prepared.body
     return PreparedSend(
-        method=prepared.method or spec.method, url=prepared.url or url, base_url=hook.base_url,
+        method=prepared.method or spec.method, url=prepared.url or url, endpoint_url=url, base_url=hook.base_url,
         headers={name: value for name, value in prepared.headers.items() if name.lower() not in _AIOHTTP_OWNS},
         body=body, verify=settings["verify"], cert=settings["cert"], timeout=merged.get("timeout"),
         allow_redirects=bool(merged.get("allow_redirects", True)),
@@ -115,11 +118,11 @@ async def send(
     except PermanentRequestError:
         raise
     except aiohttp.InvalidURL as error:
-        raise PermanentRequestError(f"{method} {redact_url(request.url)} cannot be sent: {type(error).__name__}",
-                                    method=method, url=redact_url(request.url)) from None
+        raise PermanentRequestError(f"{method} {redact_url(request.endpoint_url)} cannot be sent: "
+                                    f"{type(error).__name__}", method=method, url=redact_url(request.endpoint_url)) from None
     except (aiohttp.ClientError, OSError, TimeoutError, requests.TooManyRedirects) as error:
         kind = "could not connect" if isinstance(error, aiohttp.ClientConnectorError) else None
-        raise connection_problem(error, method=method, url=request.url, deadline=deadline,
+        raise connection_problem(error, method=method, url=request.endpoint_url, deadline=deadline,
                                  past_deadline=cutoff.expired(), kind=kind) from None
     return response, time.monotonic() - started
 
@@ -137,12 +140,13 @@ async def _follow(session: aiohttp.ClientSession, request: PreparedSend, limit: 
                                                   location=location, base_url=request.base_url))
                 method, headers, body = _redirected(method, headers, body, answer.status)
                 continue
-            refuse_oversized(answer.headers, method=method, url=url, status_code=answer.status, limit=limit)
+            shown = request.endpoint_url if url == request.url else url  # as a worker names it
+            refuse_oversized(answer.headers, method=method, url=shown, status_code=answer.status, limit=limit)
             chunks, size = [], 0
             async for chunk in answer.content.iter_chunked(READ_CHUNK_BYTES):
                 size += len(chunk)
                 if limit is not None and size > limit:
-                    raise too_large(method=method, url=url, status_code=answer.status, limit=limit)
+                    raise too_large(method=method, url=shown, status_code=answer.status, limit=limit)
                 chunks.append(chunk)
             return _as_requests_response(answer, b"".join(chunks), url)
     raise requests.TooManyRedirects(f"Exceeded {request.max_redirects} redirects.")

@@ -145,7 +145,7 @@ class RateLimitedRequestTrigger(BaseTrigger):
     async def _attempt(self, spec: RequestSpec, budget: WaitBudget, rules: WaitRules) -> Wait | _Succeeded:
         """One round, as the operator's loop does it: the gate, the request, the engine's step."""
         request = await asyncio.to_thread(prepare, spec)  # reads the Connection: its secrets stay here
-        safe_url, ticket = redact_url(request.url), spec.task.ticket
+        safe_url, ticket = redact_url(request.endpoint_url), spec.task.ticket
         gate = SharedGate(default_gate_store(), spec.conn_id, origin_of(request.base_url)) if spec.shared_gate else None
         step: Step = Send(budget)
         if gate is not None:
@@ -167,7 +167,7 @@ class RateLimitedRequestTrigger(BaseTrigger):
                 ticket=ticket, log=self.log,
             )
             if isinstance(step, Finish):
-                return _Succeeded(finish(behaviour, step.outcome, response, request.url, method=spec.method,
+                return _Succeeded(finish(behaviour, step.outcome, response, request.endpoint_url, method=spec.method,
                                          what=what, log=self.log))
         if isinstance(step, Fail):
             self.log.error("%s; giving up: %s", what, step.problem)

@@ -228,3 +228,34 @@ def test_the_shipped_dag_waits_for_the_item_then_fetches_it(scripted_api):
     assert (result.task("wait_for_item").state, result.task("fetch_item").state) == ("success", "success")
     assert [r.path for r in scripted_api.requests] == ["/api/items/42", "/api/items/42"]
     assert Path(result.task("fetch_item").xcom["path"]).read_bytes() == b'{"item": {"id": 42}}'
+
+
+@pytest.mark.parametrize("mode", ["poke", "deferrable"])
+def test_a_block_another_task_recorded_at_the_shared_gate_holds_the_first_poke(request, scripted_api, tmp_path,
+                                                                                monkeypatch, mode):
+    """The sensor asks the operator's gate: a Retry-After another task met keeps its first poke back too.
+
+    The gate lives in a MemoryGateStore (the Variable store needs a running task's SDK to be
+    written from here); the worker and the trigger share it, as they share any store.
+    """
+    from datetime import datetime, timedelta, timezone
+
+    from network_requests.gate_access import SharedGate, origin_of
+    from network_requests.gate_store import MemoryGateStore
+    from network_requests.rate_limit_headers import read_rate_limit_headers
+
+    store = MemoryGateStore()
+    for module in ("network_requests.sensors", "network_requests.sensor_triggers"):
+        monkeypatch.setattr(f"{module}.default_gate_store", lambda: store)
+    now = datetime.now(timezone.utc)
+    blocked_until = now + timedelta(seconds=3)
+    gate = SharedGate(store, "network_request_api", origin_of(scripted_api.base_url))
+    assert gate.tell(read_rate_limit_headers(429, {"Retry-After": "3"}, now=now), now=now,
+                     rate_limited_until=blocked_until, ticket="another_dag|run|fetch|-1")
+    scripted_api.default_response = ScriptedResponse(body={"ready": True})
+
+    task, _ = run_sensor(request, scripted_api, tmp_path, f"poke_interval=1, timeout=60, {MODES[mode]}")
+
+    assert task.state == "success" and task.try_number == 1
+    assert scripted_api.request_count == 1
+    assert scripted_api.requests[0].received_at >= blocked_until.timestamp(), "nothing sent while the gate was closed"

@@ -379,3 +379,32 @@ def test_deferrable_defaults_to_operators_default_deferrable(monkeypatch, value,
 def test_exponential_backoff_is_refused_rather_than_ignored():
     with pytest.raises(ValueError, match="exponential_backoff"):
         sensor(exponential_backoff=True)
+
+
+def first_event(trigger):
+    import asyncio
+
+    async def first():
+        return await anext(trigger.run())
+
+    return asyncio.run(first()).payload
+
+
+def test_a_trigger_without_a_request_only_waits_and_hands_the_state_to_a_worker():
+    from network_requests.sensor_triggers import NetworkRequestSensorTrigger
+
+    the_state = SensorState(NOW, WaitBudget(rate_limit_waits=2), pokes=3)
+    trigger = NetworkRequestSensorTrigger(NOW, None, SensorSettings(1, 60).to_dict(), the_state.to_dict())
+
+    assert first_event(trigger) == {"poke": the_state.to_dict()}
+
+
+def test_a_check_the_triggerer_cannot_import_is_left_to_a_worker_before_any_poke():
+    from network_requests.sensor_triggers import NetworkRequestSensorTrigger
+
+    spec = sensor().request_spec(TASK).to_dict()
+    settings = SensorSettings(1, 60, check="no_such_package_here.checks.ready").to_dict()
+
+    assert first_event(NetworkRequestSensorTrigger(NOW, spec, settings, SensorState(NOW).to_dict())) == {
+        "poke": SensorState(NOW).to_dict()
+    }

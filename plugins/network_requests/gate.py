@@ -473,18 +473,15 @@ def observe(
     interval = _seconds(info.interval) or None
     reported_limit = _count(info.limit)
 
-    in_flight, tickets = dict(state.in_flight), state.tickets
-    sent_at = in_flight.pop(ticket, None) if ticket is not None else None
-    if ticket in tickets:
-        # A holder sent at its time without writing the gate: its ticket stood for the
-        # request until now, and it went no earlier than that time.
-        held = tickets[ticket]
-        tickets = {other: at for other, at in tickets.items() if other != ticket}
-        if sent_at is None and held <= now:
-            sent_at = held
-    # Requests let through after this one was are not in the server's count yet (and when
-    # we don't know when this one went, none of those out are): they will spend quota too.
-    unseen = sum(1 for let_through in in_flight.values() if sent_at is None or let_through > sent_at)
+    in_flight = {other: at for other, at in state.in_flight.items() if other != ticket}
+    # A holder that sent at its time without writing the gate: its ticket stood for the
+    # request until now.
+    tickets = {other: at for other, at in state.tickets.items() if other != ticket}
+    # Every other request still out may be missing from the server's count, whenever the gate
+    # let it out: requests overtake each other on the way (and answers on the way back), so
+    # one let out before this one may reach the server after it. Counting one the server did
+    # count costs at most that one request of this window; missing one sends a request early.
+    unseen = len(in_flight)
     blocked_until = state.blocked_until
     same_window = (
         reported_reset is not None
@@ -650,12 +647,19 @@ def _admit(
             return _recheck(state, ticket, back_at(min(state.probe_until, now + RECHECK_SECONDS)), now)
         state = replace(state, probe_until=now + PROBE_TIMEOUT_SECONDS, updated_at=now)
         return _send_now(state, ticket, now)
-    if state.remaining is None or state.remaining > 0:
+    send_at = back_at(start)
+    # The quota left is this window's: a request sent after its reset (past a block that ends
+    # later) counts in the next window, with the times handed out for it below.
+    if state.remaining is None or (state.remaining > 0 and not _counts_after_reset(state, send_at, margin=0.0)):
         remaining = None if state.remaining is None else state.remaining - 1
-        send_at = back_at(start)
+        taken = state.next_window_taken
+        if _counts_after_reset(state, send_at, margin=SAME_WINDOW_SECONDS):
+            # The reset is read up to a second late (against a whole-second Date): the window
+            # may have turned by then, so the request counts in both.
+            taken = min(taken + 1, MAX_COUNT)
         # The next paced slot comes one interval after this send.
         pacing_floor = max(state.next_slot, send_at + (state.interval or 0.0))
-        state = replace(state, remaining=remaining, next_slot=pacing_floor, updated_at=now)
+        state = replace(state, remaining=remaining, next_slot=pacing_floor, next_window_taken=taken, updated_at=now)
         return _at(state, ticket, send_at, now, "the API is blocked (shared gate)")
 
     if state.interval:
@@ -686,14 +690,29 @@ def _admit(
         # window opens, as far as the length is known.
         return _recheck(state, ticket, back_at(slot + windows_later * _whole_window_seconds(state.window_seconds)), now)
 
-    if state.limit and any(_outstanding(send_at, now) and send_at <= now for send_at in state.tickets.values()):
-        # A window's quota was handed out and its holders have not reported yet: wait
-        # for what the server tells them instead of sending on top of them (and not before
-        # the block: nobody may send before it anyway).
-        return _recheck(state, ticket, back_at(max(start, now + RECHECK_SECONDS)), now)
+    if state.limit:
+        # The quota is spent and the window it was counted in is over or unknown: past the
+        # block (a Retry-After says nothing of the window it ends in), how much of the quota
+        # is left is unknown, though the limit is known to be small enough to matter. One task
+        # goes and brings back the count; the others look again after it, not all at the
+        # block's end. While a request is out or a task holds a time, the others wait for it.
+        ahead = [held for held in state.tickets.values() if _outstanding(held, now)]
+        if ahead or state.in_flight:
+            return _recheck(state, ticket, back_at(max([start, *ahead]) + RECHECK_SECONDS), now)
     # Quota reported spent but no reset time or rate: only the block is known; past it,
     # let the server say what comes next.
     return _at(state, ticket, back_at(start), now, "the API is blocked (shared gate)")
+
+
+def _counts_after_reset(state: GateState, at: float, *, margin: float) -> bool:
+    """Fixed windows of a known limit: would a request sent at ``at`` count in the window after
+    the one ending at ``reset_at``, the reset read up to ``margin`` late?"""
+    return (
+        bool(state.limit)
+        and not state.interval
+        and state.reset_at is not None
+        and at >= state.reset_at - margin
+    )
 
 
 def _whole_window_seconds(length: float) -> float:

@@ -1105,16 +1105,98 @@ def test_requests_let_out_after_a_response_was_sent_still_count_against_its_rema
     assert admit(answered, "c", now=NOW + 1.8).send_at > NOW + 1.8, "c would take b's token"
 
 
-def test_a_response_counts_only_the_requests_let_out_after_its_own():
+# Nor does it count every request let out before this one: requests overtake each other on
+# the way to the server. Found by tests/distributed/test_gate_processes.py, where the last of
+# four processes let out as a window opened was answered first ("3 left"), and the gate let a
+# fifth request into that window of 4.
+WINDOW_OF_4_SPENT = RateLimitInfo(limit=4, remaining=0, reset_after=2, source="X-RateLimit-Reset")
+
+
+def test_a_response_that_came_back_first_may_not_count_a_request_let_out_before_it():
     known = observe(GateState(), RateLimitInfo(**PACED, remaining=3), now=NOW)
     a = admit(known, "a", now=NOW + 1.5)
     b = admit(a.state, "b", now=NOW + 1.6)
 
-    # b's answer came first; a went before b, so the server had counted it already.
-    answered = observe(b.state, RateLimitInfo(**PACED, remaining=1), now=NOW + 1.7, ticket="b")
+    # b reached the server first (a is still on its way) and was told 2 are left.
+    answered = observe(b.state, RateLimitInfo(**PACED, remaining=2), now=NOW + 1.7, ticket="b")
 
-    assert answered.remaining == 1
+    assert answered.remaining == 1, "a will spend one of the 2"
     assert set(answered.in_flight) == {"a"}
+
+
+@pytest.mark.parametrize("reports_answers", [False, True])
+def test_requests_let_out_as_a_window_opens_all_count_against_the_answer_that_overtook_them(reports_answers):
+    # Four tasks hold the reset of a spent window of 4 and go one after another as it opens;
+    # the last one let out reaches the server first and is told 3 are left.
+    _, state = admit_all(observe(GateState(), WINDOW_OF_4_SPENT, now=NOW), list("abcd"))
+    for index, ticket in enumerate("abcd"):
+        state = admit(state, ticket, now=NOW + 2 + index / 100, reports_answers=reports_answers).state
+    overtaken = observe(state, replace(WINDOW_OF_4_SPENT, remaining=3), now=NOW + 2.05, ticket="d")
+
+    assert overtaken.remaining == 0
+    assert admit(overtaken, "fifth", now=NOW + 2.06).send_at >= NOW + 4, "a fifth request in a window of 4"
+
+
+def test_answers_in_the_order_the_server_saw_the_requests_count_nothing_twice():
+    # The cost of counting every request out: none when the answers come back in the order
+    # the server counted the requests (what one process sees).
+    state = observe(GateState(), replace(WINDOW_OF_4_SPENT, remaining=4), now=NOW)
+    a = admit(state, "a", now=NOW + 0.1)
+    b = admit(a.state, "b", now=NOW + 0.1)
+    state = observe(b.state, replace(WINDOW_OF_4_SPENT, remaining=3), now=NOW + 0.2, ticket="a")
+    assert state.remaining == 2
+    state = observe(state, replace(WINDOW_OF_4_SPENT, remaining=2), now=NOW + 0.2, ticket="b")
+    assert state.remaining == 2
+
+
+def test_past_a_block_that_said_only_when_one_task_goes_first_and_the_others_look_again_after_it():
+    # A window of 4 ending at NOW + 2: its last request is refused with only a Retry-After
+    # reaching past the reset (a block). Four tasks held the reset, four more ask during the
+    # block: how much of the quota the block ends in is left, nothing says.
+    state = observe(GateState(), replace(WINDOW_OF_4_SPENT, remaining=1), now=NOW)
+    state = admit(state, "last", now=NOW + 0.5).state
+    _, state = admit_all(state, [f"held{i}" for i in range(4)], now=NOW + 0.5)
+    blocked_until = NOW + 3.6
+    state = observe(state, RateLimitInfo(retry_after=3.1, source="Retry-After"), now=NOW + 0.5,
+                    rate_limited_until=blocked_until, ticket="last")
+
+    times = []
+    for ticket in [f"held{i}" for i in range(4)] + [f"new{i}" for i in range(4)]:
+        admission = admit(state, ticket, now=NOW + 2.1)
+        times.append(admission.send_at)
+        state = admission.state
+
+    # All eight used to be given the block's end, four more than a window of 4 holds.
+    assert sorted(times) == [blocked_until] + [blocked_until + RECHECK_SECONDS] * 7
+    assert len(state.tickets) == 1
+
+
+def test_quota_left_in_a_window_is_no_use_past_a_block_that_ends_after_its_reset():
+    # 3 of a window of 4 left until NOW + 2, then a block until NOW + 3.4: whoever goes at
+    # the block's end goes in the next window, where 4 are allowed in all.
+    state = observe(GateState(), replace(WINDOW_OF_4_SPENT, remaining=3), now=NOW)
+    state = observe(state, RateLimitInfo(retry_after=3.3, source="Retry-After"), now=NOW + 0.1,
+                    rate_limited_until=NOW + 3.4)
+
+    times, state = admit_all(state, [f"t{i}" for i in range(6)], now=NOW + 0.2)
+
+    assert times[:4] == [NOW + 3.4] * 4, "the 3 left used to be handed out at the block's end too"
+    assert all(at > NOW + 3.4 for at in times[4:])
+
+
+def test_a_request_sent_within_a_second_of_the_reset_counts_in_both_windows():
+    # The reset is read against a whole-second Date, up to a second late: a request sent in
+    # that second may land in the next window, whose quota is being handed out.
+    state = observe(GateState(), replace(WINDOW_OF_4_SPENT, remaining=2), now=NOW)
+    late = admit(state, "late", now=NOW + 1.5)
+    assert late.send_at == NOW + 1.5
+    assert late.state.remaining == 1
+
+    times, _ = admit_all(late.state, ["last", "next0", "next1", "next2"], now=NOW + 1.6)
+
+    # "late" and "last" may be in the next window: 2 more of its 4 are handed out.
+    assert times[:3] == [NOW + 1.6, NOW + 2, NOW + 2]
+    assert times[3] > NOW + 2
 
 
 def test_a_request_without_an_answer_is_no_longer_out_and_one_never_reported_is_forgotten():

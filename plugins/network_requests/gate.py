@@ -21,6 +21,12 @@ again:
   the limit's window after its answer was observed, so neither lateness nor network jitter
   can bring more requests into a window than declared.
 
+An answer's remaining quota is the server's count when it answered. Every other request
+still out may be missing from it, whatever order the gate let them out in (they overtake each
+other on the way), so each counts against it; an answer about a window that is over (a later
+one was reported) counts nothing. Past a block that said only when (a ``Retry-After``), with
+a limit known, one task goes first and brings back the count.
+
 Each task holds a *ticket* (its task-instance key). A task that comes back at its time
 sends only if the gate has not been closed further meanwhile; otherwise it is given a new
 time. When its caller reports every answer (``admit(reports_answers=True)``), its ticket
@@ -470,6 +476,16 @@ def observe(
     reported_remaining = _count(info.remaining)
     reset_after = _seconds(info.reset_after)
     reported_reset = None if reset_after is None else now + reset_after
+    if (
+        reported_reset is not None
+        and state.reset_at is not None
+        and reported_reset < state.reset_at - SAME_WINDOW_SECONDS
+    ):
+        # An answer about a window that is over: another answer already reported a later one
+        # (this one was slow, or its request went just before the window turned). Its count
+        # is not the current window's, and taken for it, it would bring back a full quota at
+        # its reset in the middle of the window the others are spending.
+        reported_remaining = reported_reset = None
     interval = _seconds(info.interval) or None
     reported_limit = _count(info.limit)
 
@@ -508,8 +524,12 @@ def observe(
         # this window's quota was promised to.)
         blocked_until = max(blocked_until, reset_at)
     next_window_taken = state.next_window_taken
-    if reported_reset is not None and state.reset_at is not None and not same_window:
-        next_window_taken = 0
+    if reported_reset is not None and not same_window:
+        # A window newly reported: the times handed out for the window after it are those at
+        # or past its reset (within the second it may be read late), such as a block's end.
+        next_window_taken = sum(
+            1 for at in tickets.values() if _outstanding(at, now) and at >= reported_reset - SAME_WINDOW_SECONDS
+        )
     window_first_seen, window_seconds = state.window_first_seen, state.window_seconds
     if reported_reset is not None:
         if not (same_window and window_first_seen):

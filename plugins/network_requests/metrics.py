@@ -53,6 +53,8 @@ PREFIX = "network_requests"
 #: WaitSource values (see rate_limit.WaitSource) -> the metric's source name.
 WAIT_SOURCES = {
     "Retry-After": "retry_after",
+    # The structured field's wait is its reset (``t``) of a spent quota.
+    "RateLimit": "reset_header",
     "RateLimit-Reset": "reset_header",
     "X-RateLimit-Reset": "reset_header",
     "backoff": "backoff",

@@ -5,7 +5,8 @@ same decision, :func:`network_requests.engine.next_step`, the same shared gate, 
 reader and async sender): ask the gate with the item's own ticket, send, judge the answer
 (:func:`network_requests.attempts.judge_answer`, which tells the gate), wait what the
 server or the gate says. Up to ``max_in_flight`` items are under way at once; the gate
-holds at most that many tickets of the batch, however long the list.
+holds at most that many tickets of the batch, however long the list. Their gate changes
+that come together share store updates (:mod:`network_requests.batch_gate`).
 
 What an item's final answer means for the batch:
 
@@ -35,6 +36,7 @@ import itertools
 import json
 import logging
 import random
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -49,6 +51,7 @@ import requests
 from network_requests import sending
 from network_requests.attempts import StandardBehaviour, announce_wait, failure_of, judge_answer, report_no_answer
 from network_requests.batch_checkpoint import Checkpoint, CheckpointBusy
+from network_requests.batch_gate import CoalescingGateStore
 from network_requests.batch_plan import (FAILED, OK, PERMANENT, TRANSIENT, BatchItem, item_retry_delay,
                                          items_left)
 from network_requests.endpoints import redact_url
@@ -202,15 +205,18 @@ class BatchRun:
         self._sequence = itertools.count()
         self.report = BatchReport()
         self._next_progress = 0.0
-        self._sdk: ThreadPoolExecutor | None = None
+        self._threads: ThreadPoolExecutor | None = None
+        self._sdk_lock = threading.Lock()
+        self._coalescing: CoalescingGateStore | None = None
 
     async def run(self) -> BatchReport:
         """Send every item left; ``BatchStopped`` when the batch cannot go on."""
         deadline = time.monotonic() + BUSY_WAIT.total_seconds()
         while True:
             try:
-                with self.checkpoint.exclusive(), ThreadPoolExecutor(1, thread_name_prefix="batch-sdk") as sdk:
-                    self._sdk = sdk
+                threads = ThreadPoolExecutor(self.settings.max_in_flight + 1, thread_name_prefix="batch")
+                with self.checkpoint.exclusive(), threads:
+                    self._threads = threads
                     return await self._run_holding_the_checkpoint()
             except CheckpointBusy as busy:
                 if time.monotonic() > deadline:
@@ -233,9 +239,11 @@ class BatchRun:
             else:
                 heapq.heappush(pending, (0.0, next(self._sequence), _Job(item)))
         await self._dispatch(pending)
+        gate = self._coalescing
         self.log.info("Batch finished this run: %d sent, %d succeeded, %d failed, %d tries again after a "
-                      "transient failure", self.report.sent, self.report.succeeded, self.report.failed,
-                      self.report.retried)
+                      "transient failure; the shared gate took %d changes in %d store updates", self.report.sent,
+                      self.report.succeeded, self.report.failed, self.report.retried, gate.changes if gate else 0,
+                      gate.updates if gate else 0)
         return self.report
 
     async def _dispatch(self, pending: list[tuple[float, int, _Job]]) -> None:
@@ -293,7 +301,7 @@ class BatchRun:
             step: Step = Send(budget)
             gate = await self._shared_gate(spec)
             if gate is not None:
-                step = await self._in_sdk_thread(gate.admission_step, ticket, budget, self._rules, now=self.clock(),
+                step = await self._in_gate_thread(gate.admission_step, ticket, budget, self._rules, now=self.clock(),
                                                rand=self.rand)
             if isinstance(step, Send):
                 job.sending = True
@@ -321,12 +329,12 @@ class BatchRun:
         try:
             response, elapsed, url = await self._send(spec)
         except NetworkRequestError as error:
-            await self._in_sdk_thread(report_no_answer, error, conn_id=spec.conn_id, now=self.clock(), gate=gate,
+            await self._in_gate_thread(report_no_answer, error, conn_id=spec.conn_id, now=self.clock(), gate=gate,
                                     elapsed=time.monotonic() - started, ticket=ticket, log=self.log)
             return await self._failed_try(job, error)
         behaviour = self._behaviour(item.method)
         safe_url = redact_url(url)
-        step, what = await self._in_sdk_thread(
+        step, what = await self._in_gate_thread(
             judge_answer, behaviour, response, elapsed=elapsed, conn_id=spec.conn_id, method=item.method,
             safe_url=safe_url, budget=budget, rules=self._rules, now=self.clock(), rand=self.rand, gate=gate,
             ticket=ticket, log=self.log,
@@ -391,11 +399,21 @@ class BatchRun:
     # -- effects shared by the items ---------------------------------------------------------
 
     async def _in_sdk_thread(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Run a blocking call that may use the Task SDK (a Connection, a Variable: the gate, the
-        wait history) in the batch's one SDK thread. The SDK's comms take one call at a time
-        anyway; and ``dag.test()``'s in-process comms are not thread-safe at all."""
-        assert self._sdk is not None, "only while the batch runs"
-        return await asyncio.get_running_loop().run_in_executor(self._sdk, functools.partial(function, *args, **kwargs))
+        """Run a blocking call that uses the Task SDK (a Connection, a Variable) in a thread,
+        holding the batch's SDK lock: the SDK's comms take one call at a time anyway, and
+        ``dag.test()``'s in-process comms are not thread-safe at all."""
+
+        def locked() -> Any:
+            with self._sdk_lock:
+                return function(*args, **kwargs)
+
+        return await self._in_gate_thread(locked)
+
+    async def _in_gate_thread(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run a blocking call that uses the shared gate in a thread: the gate's store
+        (:class:`CoalescingGateStore`) takes the SDK lock itself, for as short as it can."""
+        assert self._threads is not None, "only while the batch runs"
+        return await asyncio.get_running_loop().run_in_executor(self._threads, functools.partial(function, *args, **kwargs))
 
     async def _shared_gate(self, spec: RequestSpec) -> SharedGate | None:
         if not spec.shared_gate:
@@ -403,7 +421,8 @@ class BatchRun:
         if self._gate is None:
             store = self._gate_store or await self._in_sdk_thread(default_gate_store)
             base_url = await self._in_sdk_thread(_base_url, spec.conn_id)
-            self._gate = SharedGate(store, spec.conn_id, origin_of(base_url))
+            self._coalescing = CoalescingGateStore(store, self._sdk_lock)
+            self._gate = SharedGate(self._coalescing, spec.conn_id, origin_of(base_url))
         return self._gate
 
     async def _send(self, spec: RequestSpec) -> tuple[requests.Response, float, str]:

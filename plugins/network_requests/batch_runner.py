@@ -213,9 +213,9 @@ class BatchRun:
         """Send every item left; ``BatchStopped`` when the batch cannot go on."""
         deadline = time.monotonic() + BUSY_WAIT.total_seconds()
         while True:
+            threads = ThreadPoolExecutor(self.settings.max_in_flight + 1, thread_name_prefix="batch")
             try:
-                threads = ThreadPoolExecutor(self.settings.max_in_flight + 1, thread_name_prefix="batch")
-                with self.checkpoint.exclusive(), threads:
+                with self.checkpoint.exclusive():
                     self._threads = threads
                     return await self._run_holding_the_checkpoint()
             except CheckpointBusy as busy:
@@ -224,6 +224,9 @@ class BatchRun:
                                                              method="-", url=self.settings.output_folder)) from None
                 self.log.info("%s; waiting for it to finish", busy)
                 await asyncio.sleep(2.0)
+            finally:
+                # Not waiting here: a call still running (a gate update) must not block the event loop.
+                threads.shutdown(wait=False, cancel_futures=True)
 
     async def _run_holding_the_checkpoint(self) -> BatchReport:
         records = await asyncio.to_thread(self.checkpoint.start)
@@ -249,6 +252,15 @@ class BatchRun:
     async def _dispatch(self, pending: list[tuple[float, int, _Job]]) -> None:
         """Keep up to ``max_in_flight`` items under way, in order of when each may go."""
         running: dict[asyncio.Task, _Job] = {}
+        try:
+            await self._keep_going(pending, running)
+        finally:  # cancelled (the trigger was, say): no item goes on alone
+            for task in running:
+                task.cancel()
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
+
+    async def _keep_going(self, pending: list[tuple[float, int, _Job]], running: dict[asyncio.Task, _Job]) -> None:
         stopped: BaseException | None = None
         while True:
             now = time.time()

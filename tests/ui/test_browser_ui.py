@@ -10,13 +10,17 @@ API), waits for the first `network_request_periodic` run, whose tight demo API m
 3. opens its Details, follows the "API endpoint" extra link;
 4. opens Browse → "Rate limits" and reads the plugin's page inside the UI.
 
-A screenshot of each step goes to test-artifacts/browser/ (git-ignored).
+A screenshot of each step goes to test-artifacts/browser/ (git-ignored). With
+``NETWORK_REQUESTS_SCREENSHOT=docs/rate-limits-page.png`` (a path, relative to the repository)
+the last one, the Rate limits page with its gate and a wait on the timeline, is also saved
+there: that is how the README's screenshot is made.
 Needs `apt-get install -y chromium chromium-driver` and the Python package selenium.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 import urllib.parse
@@ -32,6 +36,8 @@ pytestmark = pytest.mark.browser
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 ARTIFACTS = REPO_ROOT / "test-artifacts" / "browser"
+#: Where to save the Rate limits page for the docs, if set (relative to the repository).
+SCREENSHOT_ENV = "NETWORK_REQUESTS_SCREENSHOT"
 DAG_ID = "network_request_periodic"
 CONN_ID = "network_request_api"
 CHROMIUM_FLAGS = (
@@ -187,5 +193,9 @@ def test_waiting_task_extra_link_and_rate_limit_page_in_the_browser(stack: Embed
     assert "Gate state" in section.text and "Pacing interval" in section.text
     browser.switch_to.default_content()
     shoot(browser, "08-rate-limits-page")
+    if os.environ.get(SCREENSHOT_ENV):
+        for_docs = REPO_ROOT / os.environ[SCREENSHOT_ENV]
+        for_docs.parent.mkdir(parents=True, exist_ok=True)
+        assert browser.save_screenshot(str(for_docs)), f"could not save {for_docs}"
 
     assert time.monotonic() - started < 240, "the browser test must stay under 4 minutes"

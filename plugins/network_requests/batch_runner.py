@@ -235,6 +235,8 @@ class BatchRun:
         self.log.info("Batch of %d requests: %d done before, %d to send (at most %d at once) to %s",
                       len(self.items), self.report.already_done, len(left), self.settings.max_in_flight,
                       self.settings.request.conn_id)
+        if left and self.settings.request.shared_gate:
+            self._gate = await self._open_shared_gate(self.settings.request.conn_id)
         pending: list[tuple[float, int, _Job]] = []
         for item in left:
             if item.refused:
@@ -311,7 +313,7 @@ class BatchRun:
         budget = WaitBudget()
         for _ in range(MAX_ROUNDS_PER_ITEM):
             step: Step = Send(budget)
-            gate = await self._shared_gate(spec)
+            gate = self._gate
             if gate is not None:
                 step = await self._in_gate_thread(gate.admission_step, ticket, budget, self._rules, now=self.clock(),
                                                rand=self.rand)
@@ -427,15 +429,12 @@ class BatchRun:
         assert self._threads is not None, "only while the batch runs"
         return await asyncio.get_running_loop().run_in_executor(self._threads, functools.partial(function, *args, **kwargs))
 
-    async def _shared_gate(self, spec: RequestSpec) -> SharedGate | None:
-        if not spec.shared_gate:
-            return None
-        if self._gate is None:
-            store = self._gate_store or await self._in_sdk_thread(default_gate_store)
-            base_url = await self._in_sdk_thread(_base_url, spec.conn_id)
-            self._coalescing = CoalescingGateStore(store, self._sdk_lock)
-            self._gate = SharedGate(self._coalescing, spec.conn_id, origin_of(base_url))
-        return self._gate
+    async def _open_shared_gate(self, conn_id: str) -> SharedGate:
+        """The Connection's shared gate, its store wrapped so the batch's changes share updates."""
+        store = self._gate_store or await self._in_sdk_thread(default_gate_store)
+        base_url = await self._in_sdk_thread(_base_url, conn_id)
+        self._coalescing = CoalescingGateStore(store, self._sdk_lock)
+        return SharedGate(self._coalescing, conn_id, origin_of(base_url))
 
     async def _send(self, spec: RequestSpec) -> tuple[requests.Response, float, str]:
         """Send with aiohttp as the trigger does; with ``requests`` (in a thread) when the

@@ -20,7 +20,8 @@ from typing import Any, Protocol
 import requests
 
 from network_requests import events
-from network_requests.engine import Answered, Fail, FailKind, Mode, Step, Wait, WaitBudget, WaitRules, next_step
+from network_requests.engine import (WAITED_OUTCOMES, Answered, Fail, FailKind, Mode, Step, Wait, WaitBudget, WaitRules,
+                                     next_step)
 from network_requests.events import AttemptEvent, WaitEvent
 from network_requests.endpoints import redact_url
 from network_requests.exceptions import (NetworkRequestError, RateLimitExceededError, ResponseCheckFailed,
@@ -54,13 +55,19 @@ class Behaviour(Protocol):
 
 
 class StandardBehaviour:
-    """The operator's own answers (``NetworkRequestOperator``'s methods call these)."""
+    """The operator's own answers (``NetworkRequestOperator``'s methods call these).
 
-    def __init__(self, *, method: str, backoff: Backoff, rand: Callable[[], float]) -> None:
+    ``sent_idempotency_key``: the request carries an Idempotency-Key, so a 409 means an earlier
+    send of it is still being processed (see ``rate_limit.classify``).
+    """
+
+    def __init__(self, *, method: str, backoff: Backoff, rand: Callable[[], float],
+                 sent_idempotency_key: bool = False) -> None:
         self.method, self.backoff, self.rand = method, backoff, rand
+        self.sent_idempotency_key = sent_idempotency_key
 
     def classify_response(self, response: requests.Response) -> Outcome:
-        return classify(response.status_code, response.headers)
+        return classify(response.status_code, response.headers, sent_idempotency_key=self.sent_idempotency_key)
 
     def rate_limit_wait(self, response: requests.Response, *, now: datetime, consecutive_waits: int) -> RateLimitWait:
         return decide_rate_limit_wait(rate_limit_info(response, now=now), now=now, backoff=self.backoff,
@@ -93,12 +100,15 @@ def judge_answer(
     outcome = behaviour.classify_response(response)
     events.emit(AttemptEvent(conn_id, method, safe_url, response.status_code, outcome.value, elapsed, now))
     server_wait = None
-    if outcome is Outcome.RATE_LIMITED:
+    if outcome in WAITED_OUTCOMES:
         server_wait = behaviour.rate_limit_wait(response, now=now, consecutive_waits=budget.rate_limit_waits)
     step = next_step(Answered(outcome, server_wait, response.status_code), budget, rules, now=now, rand=rand)
     if gate is not None:
-        # Others wait what this task waits (a backoff too); a wait too long to start still blocks them.
-        until = step.not_before if isinstance(step, Wait) else server_wait.not_before if server_wait else None
+        # Others wait what this task waits when the API is rate limited (a backoff too); a wait
+        # too long to start still blocks them. A request still in progress holds only itself.
+        until = None
+        if outcome is Outcome.RATE_LIMITED and server_wait is not None:
+            until = step.not_before if isinstance(step, Wait) else server_wait.not_before
         gate.tell(info, now=now, rate_limited_until=until, ticket=ticket)
     return step, f"{method} {safe_url} -> {response.status_code} in {elapsed:.3f}s"
 

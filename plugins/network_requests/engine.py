@@ -32,6 +32,11 @@ MAX_IN_PROCESS_WAITS = 5
 GATE_UNREADABLE_WAIT = timedelta(seconds=5)
 #: ... and after this many failed reads in a row it fails the try (Airflow's retries apply).
 MAX_GATE_FAILURES = 3
+#: Answers waited out (the server's time, else the backoff) and sent again, spending no try.
+WAITED_OUTCOMES = frozenset({Outcome.RATE_LIMITED, Outcome.IN_PROGRESS})
+#: Why a 409 to a keyed request is waited out, for the log.
+IN_PROGRESS_REASON = ("the server is still processing an earlier send of this request (409 to its "
+                      "Idempotency-Key); sending it again with the same key")
 
 
 class Place(enum.Enum):
@@ -148,7 +153,8 @@ class GateUnreadable:
 
 @dataclass(frozen=True)
 class Answered:
-    """The server answered; ``server_wait`` is the wait it asked for (rate-limited answers only)."""
+    """The server answered; ``server_wait`` is the wait it asked for (the outcomes in
+    :data:`WAITED_OUTCOMES` only)."""
 
     outcome: Outcome
     server_wait: RateLimitWait | None = None
@@ -241,11 +247,13 @@ def next_step(
             return Send(budget)
         wait = RateLimitWait(_seconds_until(observation.send_at, now), WaitSource.SHARED_GATE, observation.send_at)
         return _wait(wait, budget, budget, rules, now=now, reason=observation.reason)
-    if observation.outcome is not Outcome.RATE_LIMITED:
+    if observation.outcome not in WAITED_OUTCOMES:
         return Finish(observation.outcome)
     if observation.server_wait is None:
         raise ValueError("a rate-limited answer needs the wait the server asked for")
     wait, after, reason = _without_hammering(observation.server_wait, budget, rules, now=now, rand=rand)
+    if observation.outcome is Outcome.IN_PROGRESS:
+        reason = "; ".join(filter(None, (IN_PROGRESS_REASON, reason)))
     return _wait(wait, budget, after, rules, now=now, reason=reason, status_code=observation.status_code)
 
 
@@ -310,5 +318,5 @@ def _seconds_until(moment: datetime, now: datetime) -> float:
 
 __all__ = [
     "Answered", "Fail", "FailKind", "Finish", "GateAnswer", "GateUnreadable", "InitialDelay", "Mode",
-    "Observation", "Place", "Send", "Step", "Wait", "WaitBudget", "WaitRules", "next_step",
+    "Observation", "Place", "Send", "Step", "WAITED_OUTCOMES", "Wait", "WaitBudget", "WaitRules", "next_step",
 ]  # fmt: skip

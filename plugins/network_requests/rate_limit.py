@@ -31,6 +31,10 @@ from network_requests.rate_limit_headers import (
 
 # RFC 9110 §15.5.9 (408), §15.6 (5xx): worth another try of the same request.
 TRANSIENT_STATUS_CODES = frozenset({408})
+#: draft-ietf-httpapi-idempotency-key-header §2.7: a request whose Idempotency-Key names a
+#: request the server is still processing is answered 409 Conflict. (A key reused with another
+#: payload is 422: a mistake no wait mends, so that stays permanent.)
+STILL_PROCESSING_STATUS = 409
 
 #: ``classify`` uses only the remaining count, which no clock changes; any moment will do.
 _ANY_MOMENT = datetime(2000, 1, 1, tzinfo=timezone.utc)
@@ -41,6 +45,10 @@ class Outcome(enum.Enum):
 
     SUCCESS = "success"
     RATE_LIMITED = "rate_limited"
+    #: The server is still processing an earlier send of this request (a 409 to a request that
+    #: carried an Idempotency-Key): wait as for a rate limit, spending no try, and send it again
+    #: with the same key. It says nothing of the API's quota, so the shared gate holds no one else.
+    IN_PROGRESS = "in_progress"
     TRANSIENT = "transient"
     PERMANENT = "permanent"
 
@@ -103,19 +111,23 @@ class Backoff:
         return min(max(value, self.retry_delay.total_seconds(), 0.0), float(MAX_HORIZON_SECONDS))
 
 
-def classify(status_code: int, headers: Mapping[str, str]) -> Outcome:
-    """What a status means.
+def classify(status_code: int, headers: Mapping[str, str], *, sent_idempotency_key: bool = False) -> Outcome:
+    """What a status means (``sent_idempotency_key``: the request carried an Idempotency-Key).
 
     - 2xx: success.
     - 429, 503 with ``Retry-After``, and 403 with a ``Retry-After`` or a spent quota
       (GitHub answers its rate limits with 403): rate limited.
+    - 409 to a request that carried an Idempotency-Key: in progress (an earlier send of it, cut
+      by a killed worker say, is still being processed; the same send will get its answer).
     - other 5xx, 408: transient, worth a retry.
-    - everything else (other 4xx, unfollowed 3xx, 1xx): permanent.
+    - everything else (other 4xx, a 409 without a key, unfollowed 3xx, 1xx): permanent.
     """
     if 200 <= status_code < 300:
         return Outcome.SUCCESS
     if status_code == 429:
         return Outcome.RATE_LIMITED
+    if status_code == STILL_PROCESSING_STATUS and sent_idempotency_key:
+        return Outcome.IN_PROGRESS
     if status_code in (503, 403):
         # Retry-After's presence says "rate limited" even when its value can't be read: the
         # wait decision then falls back to a backoff and says why.
@@ -145,7 +157,7 @@ def decide_rate_limit_wait(
     consecutive_waits: int,
     rand: Callable[[], float],
 ) -> RateLimitWait:
-    """How long to wait after a rate-limited response, from what its headers said (``info``).
+    """How long to wait after a rate-limited (or in-progress) response, from what its headers said (``info``).
 
     The server's wait when it asked for one, else the backoff; ``fallback_reason`` lists the
     headers that were present but not used. Never raises.

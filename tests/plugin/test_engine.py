@@ -168,6 +168,40 @@ def test_a_rate_limit_without_the_servers_wait_is_a_bug_of_the_driver():
         decide(Answered(Outcome.RATE_LIMITED))
 
 
+# -- A keyed request the server is still processing (409) ------------------------------------------
+
+
+def still_processing(seconds: float, source: WaitSource = WaitSource.RETRY_AFTER) -> Answered:
+    return Answered(Outcome.IN_PROGRESS, server_wait(seconds, source), status_code=409)
+
+
+@pytest.mark.parametrize("place", list(Place))
+def test_a_request_still_in_progress_is_waited_out_and_sent_again_without_spending_a_try(place):
+    step = decide(still_processing(3.0), place=place)
+
+    assert isinstance(step, Wait), "a wait, not the end of the try"
+    assert (step.seconds, step.source) == (3.0, WaitSource.RETRY_AFTER)
+    assert step.budget.rate_limit_waits == 1, "a header-less one backs off further next time"
+    assert step.budget.waiting_since == NOW, "its waiting counts against rate_limit_timeout"
+    assert "still processing" in step.reason and "Idempotency-Key" in step.reason
+
+
+def test_a_request_still_in_progress_is_bounded_by_the_rate_limit_timeout():
+    waited_5h59 = WaitBudget(waiting_since=NOW - timedelta(hours=5, minutes=59))
+
+    step = decide(still_processing(120.0, WaitSource.BACKOFF), waited_5h59)
+
+    assert isinstance(step, Fail)
+    assert (step.kind, step.status_code) == (FailKind.RATE_LIMIT_EXCEEDED, 409)
+    assert "rate_limit_timeout" in step.problem
+
+
+def test_a_request_still_in_progress_again_and_again_at_once_backs_off():
+    step = decide(still_processing(0.0), WaitBudget(immediate_in_a_row=1))
+
+    assert (step.source, step.seconds) == (WaitSource.BACKOFF, pytest.approx(10.5))
+
+
 # -- No hammering ------------------------------------------------------------------------------------------
 
 

@@ -410,6 +410,25 @@ def test_classify_tells_what_a_status_means(status, headers, outcome):
     assert classify(status, CaseInsensitiveDict(headers)) is outcome
 
 
+@pytest.mark.parametrize(
+    "status, headers, sent_key, outcome",
+    [
+        (409, {}, True, Outcome.IN_PROGRESS),  # an earlier send of this keyed request is being processed
+        (409, {"Retry-After": "2"}, True, Outcome.IN_PROGRESS),
+        (409, {}, False, Outcome.PERMANENT),  # no key: a conflict no wait mends
+        (409, {"Retry-After": "2"}, False, Outcome.PERMANENT),
+        (422, {}, True, Outcome.PERMANENT),  # the key reused with another payload (the draft's 422)
+        (429, {}, True, Outcome.RATE_LIMITED),
+        (201, {}, True, Outcome.SUCCESS),
+        (500, {}, True, Outcome.TRANSIENT),
+    ],
+)
+def test_a_409_means_still_in_progress_only_for_a_request_that_carried_an_idempotency_key(
+    status, headers, sent_key, outcome
+):
+    assert classify(status, headers, sent_idempotency_key=sent_key) is outcome
+
+
 # -- wait_limit_violation ------------------------------------------------------------------------
 
 

@@ -18,6 +18,7 @@ from datetime import timedelta
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from network_requests.configured_limits import parse_limits
 from network_requests.endpoints import EXTRA_SENSITIVE_NAMES, airflow_sensitive_names, is_sensitive_name
 from network_requests.engine import Place, WaitRules
 from network_requests.idempotency import DEFAULT_HEADER, idempotency_key
@@ -115,6 +116,16 @@ class RequestSpec:
     shared_gate: bool = True
     push_xcom: bool = True
     idempotency_header: str = DEFAULT_HEADER
+    #: The task's ``rate_limit`` argument as plain JSON (``None``: the Connection's ``extra``
+    #: declares them; the triggerer reads that again, see ``gate_access.spec_gate``).
+    rate_limit: Any = None
+    #: The task's ``gate_key`` (``None``: the Connection's own gate).
+    gate_key: str | None = None
+
+    @property
+    def carries_idempotency_key(self) -> bool:
+        """Whether the request is sent with an Idempotency-Key (the operator's, or the user's own)."""
+        return carries_idempotency_key(self.headers, self.idempotency_header)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -140,6 +151,11 @@ class RequestSpec:
     @property
     def timeout(self) -> float | tuple[float, float] | None:
         return tuple(self.request_timeout) if isinstance(self.request_timeout, list) else self.request_timeout  # type: ignore[return-value]
+
+
+def carries_idempotency_key(headers: Mapping[str, Any], header: str) -> bool:
+    """Whether ``headers`` hold the Idempotency-Key header named ``header`` (any case)."""
+    return any(str(name).lower() == header.lower() for name in headers)
 
 
 def secret_in(spec: RequestSpec) -> str | None:
@@ -209,7 +225,22 @@ def describe(operator: Any, task: TaskRef, *, endpoint: str, headers: dict[str, 
         request_deadline=_seconds(operator.request_deadline), max_response_bytes=operator.max_response_bytes,
         waits=wait_settings_of(operator), shared_gate=operator.shared_gate, push_xcom=bool(operator.do_xcom_push),
         idempotency_header=operator.idempotency_key_header,
+        rate_limit=declaration_as_json(getattr(operator, "rate_limit", None)), gate_key=getattr(operator, "gate_key", None),
     )
+
+
+def declaration_as_json(rate_limit: Any) -> Any:
+    """A ``rate_limit`` argument as plain JSON (``[{"requests", "per", "burst"}]``), so limits given
+    as objects or as a JSON text travel to the triggerer; ``None`` (the Connection's) stays ``None``.
+    A declaration that cannot be read is kept as it is: the task checked it when it started,
+    and the triggerer reports it with the same message if it is still wrong."""
+    if rate_limit is None or (isinstance(rate_limit, str) and not rate_limit.strip()):
+        return None
+    try:
+        limits = parse_limits(rate_limit)
+    except ValueError:
+        return rate_limit
+    return [{"requests": limit.requests, "per": limit.per_seconds, "burst": limit.burst} for limit in limits]
 
 
 def _seconds(value: timedelta | float | None) -> float | None:

@@ -36,7 +36,7 @@ from network_requests.attempts import StandardBehaviour, failure_of, judge_answe
 from network_requests.endpoints import redact_url
 from network_requests.engine import Fail, Send, Step, Wait
 from network_requests.exceptions import NetworkRequestError, failure_payload
-from network_requests.gate_access import SharedGate, default_gate_store, origin_of
+from network_requests.gate_access import default_gate_store, spec_gate
 from network_requests.request_spec import RequestSpec
 from network_requests.sensor_engine import Done, Held, PokeAgain, SensorPlace, SensorState, SensorStep, next_poke
 from network_requests.sensor_pokes import (ResponseCheck, SensorSettings, import_check, reading_of_answer,
@@ -125,7 +125,7 @@ class NetworkRequestSensorTrigger(BaseTrigger):
         safe_url, ticket = redact_url(request.url), spec.task.ticket
         rules = settings.rules(SensorPlace.TRIGGERER)
         engine_rules = rules.engine_rules(spec.waits)
-        gate = SharedGate(default_gate_store(), spec.conn_id, origin_of(request.base_url)) if spec.shared_gate else None
+        gate = await asyncio.to_thread(spec_gate, default_gate_store(), spec, base_url=request.base_url)
         step: Step = Send(state.budget)
         if gate is not None:
             step = await asyncio.to_thread(gate.admission_step, ticket, state.budget, engine_rules, now=_utcnow(),

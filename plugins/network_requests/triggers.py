@@ -33,7 +33,7 @@ from network_requests.attempts import StandardBehaviour, announce_wait, failure_
 from network_requests.endpoints import redact_url
 from network_requests.engine import Fail, Finish, Place, Send, Step, Wait, WaitBudget, WaitRules
 from network_requests.exceptions import NetworkRequestError, failure_payload
-from network_requests.gate_access import SharedGate, default_gate_store, origin_of
+from network_requests.gate_access import default_gate_store, spec_gate
 from network_requests.request_spec import RequestSpec
 from network_requests.sending_async import CannotSendHere, prepare, send
 
@@ -146,7 +146,7 @@ class RateLimitedRequestTrigger(BaseTrigger):
         """One round, as the operator's loop does it: the gate, the request, the engine's step."""
         request = await asyncio.to_thread(prepare, spec)  # reads the Connection: its secrets stay here
         safe_url, ticket = redact_url(request.endpoint_url), spec.task.ticket
-        gate = SharedGate(default_gate_store(), spec.conn_id, origin_of(request.base_url)) if spec.shared_gate else None
+        gate = await asyncio.to_thread(spec_gate, default_gate_store(), spec, base_url=request.base_url)
         step: Step = Send(budget)
         if gate is not None:
             step = await asyncio.to_thread(gate.admission_step, ticket, budget, rules, now=_utcnow(), rand=random.random)
@@ -160,7 +160,8 @@ class RateLimitedRequestTrigger(BaseTrigger):
                 await asyncio.to_thread(report_no_answer, error, conn_id=spec.conn_id, now=_utcnow(), gate=gate,
                                         elapsed=time.monotonic() - started, ticket=ticket, log=self.log)
                 raise
-            behaviour = StandardBehaviour(method=spec.method, backoff=rules.backoff, rand=random.random)
+            behaviour = StandardBehaviour(method=spec.method, backoff=rules.backoff, rand=random.random,
+                                          sent_idempotency_key=spec.carries_idempotency_key)
             step, what = await asyncio.to_thread(
                 judge_answer, behaviour, response, elapsed=elapsed, conn_id=spec.conn_id, method=spec.method,
                 safe_url=safe_url, budget=step.budget, rules=rules, now=_utcnow(), rand=random.random, gate=gate,

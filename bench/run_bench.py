@@ -202,6 +202,10 @@ class Stack:
                 # exit within 1 s instead of up to 5 s; the same for every strategy.
                 "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "1",
                 "AIRFLOW__WORKERS__MAX_FAILED_HEARTBEATS": "15",
+                # As make run: this project's operators wait in the triggerer unless a task says
+                # otherwise (Airflow ships false). The stock HttpOperator is pinned to its stock
+                # deferrable=False in bench/dags/bench_strategies.py.
+                "AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE": "true",
                 # The REST calls of this runner need no login: the stack listens on 127.0.0.1
                 # only and lives for one benchmark.
                 "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",

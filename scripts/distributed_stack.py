@@ -593,6 +593,8 @@ class DistributedStack:
             "AIRFLOW__API__SECRET_KEY": secrets.token_hex(32),
             "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
             "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+            # Operators wait in the triggerer unless a task says otherwise (Airflow ships false).
+            "AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE": "true",
             # New DAG files are noticed within 10 s (default 5 min).
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
             "NETWORK_REQUESTS_DATA_DIR": str(self.data_dir),

@@ -72,6 +72,8 @@ def airflow_env(environ: dict[str, str] | None = None) -> dict[str, str]:
             # 15 failed heartbeats (1/s) keep the default tolerance of 3 x 5 s for an API outage.
             "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "1",
             "AIRFLOW__WORKERS__MAX_FAILED_HEARTBEATS": "15",
+            # Operators wait in the triggerer unless a task says otherwise (Airflow ships false).
+            "AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE": "true",
             # Pick up new DAG files within 30 s instead of 5 min.
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
             "NETWORK_REQUESTS_DATA_DIR": str(home / "data"),

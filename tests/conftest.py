@@ -40,6 +40,8 @@ os.environ.update(
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{_TEST_HOME / 'airflow.db'}",
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+        # As every stack of the project (Airflow ships false): dag.test() runs tasks in this process.
+        "AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE": "true",
         "NETWORK_REQUESTS_DATA_DIR": str(_TEST_HOME / "data"),
     }
 )

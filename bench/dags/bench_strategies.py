@@ -126,6 +126,7 @@ with _dag("bench_http_operator", "Bench: stock HttpOperator, a 429 fails the try
         http_conn_id=CONN_ID,
         method="GET",
         extra_options={"timeout": REQUEST_TIMEOUT},
+        deferrable=False,  # as Airflow ships it; the bench stack sets [operators] default_deferrable for ours
     ).expand(endpoint=ENDPOINTS)
 
 

@@ -34,6 +34,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from network_requests import coercion
+from network_requests.airflow_conventions import deferrable_or_default
 from network_requests.batch_checkpoint import Checkpoint, read_journal
 from network_requests.batch_plan import (PERMANENT, BatchItem, failure_message, items_left, plan_batch, summarize,
                                          too_many_failures)
@@ -116,7 +117,8 @@ class BatchRequestOperator(BaseOperator):
     :param max_response_bytes: a larger body fails its request (permanently).
     :param extra_options: extra ``HttpHook`` options (``verify``, ...).
     :param shared_gate: pace through the Connection's shared gate (see NetworkRequestOperator).
-    :param deferrable: send from the triggerer (default); False sends from the worker.
+    :param deferrable: send from the triggerer; False sends from the worker. Default:
+        ``[operators] default_deferrable``.
     :param idempotency_key: send an ``Idempotency-Key`` with ``idempotency_key_methods``: one
         per request of this task instance, the same on every send of it.
     :param idempotency_key_header: its name (default ``Idempotency-Key``).
@@ -152,7 +154,7 @@ class BatchRequestOperator(BaseOperator):
         max_response_bytes: int | None = DEFAULT_MAX_RESPONSE_BYTES,
         extra_options: dict[str, Any] | None = None,
         shared_gate: bool = True,
-        deferrable: bool = True,
+        deferrable: bool | None = None,
         idempotency_key: bool = True,
         idempotency_key_header: str = DEFAULT_HEADER,
         idempotency_key_methods: Collection[str] = DEFAULT_METHODS,
@@ -176,7 +178,7 @@ class BatchRequestOperator(BaseOperator):
         self.request_timeout = coercion.request_timeout(request_timeout)
         self.request_deadline = coercion.as_timedelta(request_deadline, "request_deadline")
         self.max_response_bytes, self.extra_options = max_response_bytes, extra_options or {}
-        self.shared_gate, self.deferrable = shared_gate, deferrable
+        self.shared_gate, self.deferrable = shared_gate, deferrable_or_default(deferrable)
         self.idempotency_key, self.idempotency_key_header = idempotency_key, idempotency_key_header
         self.idempotency_key_methods = tuple(idempotency_key_methods)
         self.max_value_bytes = int(max_value_bytes)

@@ -25,6 +25,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowRescheduleException
 
 from network_requests import coercion, sending
+from network_requests.airflow_conventions import deferrable_or_default
 from network_requests.attempts import (StandardBehaviour, announce_wait, budget_after_reschedules, failure_of,
                                        finish, judge_answer, report_no_answer, sleep_until)
 from network_requests.endpoints import UnsafeEndpointError, redact_url, validate_endpoint
@@ -36,6 +37,7 @@ from network_requests.gate_store import GateStore
 from network_requests.hooks import NetworkRequestHook
 from network_requests.idempotency import DEFAULT_HEADER, DEFAULT_METHODS, with_idempotency_key
 from network_requests.links import ApiEndpointLink
+from network_requests.output_assets import record_output_events
 from network_requests.rate_limit import Outcome, RateLimitWait
 from network_requests.request_spec import RequestSpec, TaskRef, describe, wait_settings_of
 from network_requests.responses import refuse_outside_root, written_body
@@ -56,7 +58,7 @@ DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 DEFAULT_REQUEST_DEADLINE = timedelta(minutes=5)
 #: The operator's methods that run only on a worker; every other one may run in the triggerer
 #: as :class:`StandardBehaviour` and the senders, so a subclass replacing it sends from a worker.
-_WORKER_ONLY = frozenset({"__init__", "execute", "resume_after_wait", "finishes_in_triggerer"})
+_WORKER_ONLY = frozenset({"__init__", "execute", "resume_after_wait", "_announce_output", "finishes_in_triggerer"})
 
 __all__ = ["MAX_IN_PROCESS_WAITS", "MIN_RESCHEDULE_DELAY", "NetworkRequestOperator", "min_defer_delay"]
 
@@ -90,7 +92,8 @@ class NetworkRequestOperator(BaseOperator):
     :param initial_delay: the first try sends nothing before this long after the task is first
         run (templated; timedelta or seconds).
     :param output_path: write the body here atomically and return ``{"path", "status_code",
-        "bytes", "content_type"}`` (templated; a local path or an ObjectStoragePath URI).
+        "bytes", "content_type"}`` (templated; a local path or an ObjectStoragePath URI). With
+        ``outlets=[Asset(...)]`` that dict is also each Asset's event ``extra``.
     :param output_root: an ``output_path`` outside this folder or bucket prefix (after ``..``
         and symlinks) fails the task before any request (templated).
     :param request_timeout: seconds, or ``(connect, read)`` seconds, for the request.
@@ -101,8 +104,9 @@ class NetworkRequestOperator(BaseOperator):
     :param extra_options: extra ``HttpHook`` options (``verify``, ``proxies``, ...).
     :param shared_gate: share what the server said with every task of the same connection, so
         they wait without sending and queue for their turn.
-    :param deferrable: wait in the triggerer (the default; needs a running triggerer), else
-        reschedule (never due sooner than ``MIN_RESCHEDULE_DELAY``).
+    :param deferrable: wait in the triggerer (needs a running triggerer), else reschedule (never
+        due sooner than ``MIN_RESCHEDULE_DELAY``). Default: ``[operators] default_deferrable``
+        (see :mod:`network_requests.airflow_conventions`).
     :param finish_in_triggerer: with ``deferrable``, the triggerer sends the request at the
         allowed moment and ends the task there on success (one worker launch per task);
         failures go back to a worker. See :meth:`finishes_in_triggerer`.
@@ -141,7 +145,7 @@ class NetworkRequestOperator(BaseOperator):
         rate_limit_jitter: float = 0.1,
         extra_options: dict[str, Any] | None = None,
         shared_gate: bool = True,
-        deferrable: bool = True,
+        deferrable: bool | None = None,
         in_process_wait_threshold: timedelta | float | None = None,
         finish_in_triggerer: bool = True,
         idempotency_key: bool = True,
@@ -163,9 +167,9 @@ class NetworkRequestOperator(BaseOperator):
         self.max_rate_limit_wait = coercion.as_timedelta(max_rate_limit_wait, "max_rate_limit_wait")
         self.rate_limit_timeout = coercion.as_timedelta(rate_limit_timeout, "rate_limit_timeout")
         self.rate_limit_jitter, self.shared_gate = rate_limit_jitter, shared_gate
-        self.deferrable, self.finish_in_triggerer = deferrable, finish_in_triggerer
+        self.deferrable, self.finish_in_triggerer = deferrable_or_default(deferrable), finish_in_triggerer
         self.in_process_wait_threshold = coercion.as_timedelta(
-            default_in_process_threshold(deferrable) if in_process_wait_threshold is None else in_process_wait_threshold,
+            default_in_process_threshold(self.deferrable) if in_process_wait_threshold is None else in_process_wait_threshold,
             "in_process_wait_threshold") or timedelta(0)
         self.idempotency_key, self.idempotency_key_header = idempotency_key, idempotency_key_header
         self.idempotency_key_methods = tuple(idempotency_key_methods)
@@ -204,8 +208,8 @@ class NetworkRequestOperator(BaseOperator):
                              now=self.clock(), rand=self.random_fraction)
             self._carry_out(step, TaskRef.of(ti), what="initial delay", safe_url=redact_url(str(self.endpoint)))
         first_reschedule = ti.get_first_reschedule_date(context) if reschedules else None
-        return self._drive(context, budget_after_reschedules(reschedules, first_reschedule,
-                                                             initial_delay if delayed_this_try else None))
+        return self._announce_output(context, self._drive(context, budget_after_reschedules(
+            reschedules, first_reschedule, initial_delay if delayed_this_try else None)))
 
     def resume_after_wait(self, context: Context, event: Any = None, budget: dict[str, Any] | None = None,
                           **legacy: Any) -> Any:
@@ -219,10 +223,17 @@ class NetworkRequestOperator(BaseOperator):
         if isinstance(event, dict) and "failure" in event:
             raise failure_from_payload(event["failure"])
         if isinstance(event, dict) and "result" in event:
-            return event["result"]
+            return self._announce_output(context, event["result"])
         if isinstance(event, dict) and "resume" in event:
             budget = event["resume"]
-        return self._drive(context, WaitBudget.from_dict(budget if budget is not None else legacy))
+        return self._announce_output(context, self._drive(context, WaitBudget.from_dict(
+            budget if budget is not None else legacy)))
+
+    def _announce_output(self, context: Context, result: Any) -> Any:
+        """The task's result; a saved response is described in its Assets' events too."""
+        if self.output_path and self.outlets:
+            record_output_events(context["outlet_events"], self.outlets, result)
+        return result
 
     # -- the driver ----------------------------------------------------------------------
 

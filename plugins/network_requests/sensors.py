@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 import requests
 from airflow.sdk import BaseSensorOperator
-from airflow.sdk.configuration import conf
 from airflow.sdk.exceptions import (AirflowFailException, AirflowRescheduleException, AirflowSensorTimeout,
                                     AirflowSkipException, AirflowTaskTimeout)
 
 from network_requests import coercion, sending
+from network_requests.airflow_conventions import default_deferrable, deferrable_or_default
 from network_requests.attempts import StandardBehaviour, failure_of, judge_answer, report_no_answer, sleep_until
 from network_requests.endpoints import UnsafeEndpointError, redact_url, validate_endpoint
 from network_requests.engine import Fail, Mode, Send, Step, Wait, WaitRules
@@ -69,15 +69,6 @@ __all__ = ["NetworkRequestSensor", "default_deferrable"]
 
 def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def default_deferrable() -> bool:
-    """``[operators] default_deferrable``, as provider operators read it (``True`` where the option is absent).
-
-    Airflow's own default for the option is ``false``: a deployment turns deferral on by default
-    with ``AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE=true``, or a task passes ``deferrable=True``.
-    """
-    return conf.getboolean("operators", "default_deferrable", fallback=True)
 
 
 class NetworkRequestSensor(BaseSensorOperator):
@@ -170,7 +161,7 @@ class NetworkRequestSensor(BaseSensorOperator):
         self.request_timeout = coercion.request_timeout(request_timeout)
         self.request_deadline = coercion.as_timedelta(request_deadline, "request_deadline")
         self.max_response_bytes = max_response_bytes
-        self.deferrable = default_deferrable() if deferrable is None else deferrable
+        self.deferrable = deferrable_or_default(deferrable)
 
     # -- seams for tests and subclasses -------------------------------------------------
 

@@ -4,9 +4,11 @@ The triggerer runs only the operator's own behaviour (:class:`~network_requests.
 and the async sender), from a :class:`~network_requests.request_spec.RequestSpec` that holds
 no secret. So a request is sent from a worker, after waiting in the triggerer, when it has a
 ``response_check``/``response_filter`` (callables), an ``output_path`` (a file the workers
-should write), a replaced method of the operator (found by comparing the subclass and the
-instance with the operator class, method by method: no list to keep in step), settings
-that are not JSON, or a header, query parameter or body field Airflow's masker would hide.
+should write), ``outlets`` (Airflow 3.3.2 emits no asset event for a task that ends in the
+triggerer: see :mod:`network_requests.output_assets`), a replaced method of the operator
+(found by comparing the subclass and the instance with the operator class, method by
+method: no list to keep in step), settings that are not JSON, or a header, query parameter
+or body field Airflow's masker would hide.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ def why_send_from_worker(operator: Any, base: type, spec: Callable[[], RequestSp
         return "finish_in_triggerer is off"
     if operator.response_check is not None or operator.response_filter is not None or operator.output_path:
         return "a response_check, response_filter or output_path runs on the worker"
+    if getattr(operator, "outlets", None):
+        return "outlets: Airflow emits asset events only for a task that ends on a worker"
     replaced = replaced_methods(operator, base, worker_only=worker_only)
     if replaced:
         return f"the operator replaces {', '.join(replaced)}"

@@ -154,6 +154,7 @@ def test_stock_http_operator_retries_after_retry_after_not_retry_delay(request, 
             endpoint="/api/users",
             method="GET",
             retry_policy=RetryAfterPolicy(),
+            deferrable=False,  # stock; the tests' [operators] default_deferrable is true
         )
         """,
         default_args=SLOW_DEFAULT_RETRIES,

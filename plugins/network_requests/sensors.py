@@ -33,7 +33,7 @@ from network_requests.attempts import StandardBehaviour, failure_of, judge_answe
 from network_requests.endpoints import UnsafeEndpointError, redact_url, validate_endpoint
 from network_requests.engine import Fail, Mode, Send, Step, Wait, WaitRules
 from network_requests.exceptions import NetworkRequestError, PermanentRequestError, failure_from_payload
-from network_requests.gate_access import SharedGate, default_gate_store, origin_of
+from network_requests.gate_access import SharedGate, check_gate_settings, default_gate_store, task_gate
 from network_requests.gate_store import GateStore
 from network_requests.hooks import NetworkRequestHook
 from network_requests.idempotency import DEFAULT_HEADER
@@ -114,12 +114,16 @@ class NetworkRequestSensor(BaseSensorOperator):
     :param max_response_bytes: a larger body is not read; the try fails.
     :param extra_options: extra ``HttpHook`` options (``verify``, ...).
     :param shared_gate: share what the server said with every task of the same Connection.
+    :param rate_limit: limits declared for the API, replacing the Connection's
+        ``extra["rate_limit"]`` (templated; ``[]``: none), e.g. ``{"requests": 10, "per": "1s"}``
+        or a list of them; see ``NetworkRequestOperator``.
+    :param gate_key: the quota the pokes count against (templated; default: the Connection's own).
     :param deferrable: wait in the triggerer between pokes; default ``[operators] default_deferrable``
         (see :func:`default_deferrable`). When ``False``, ``mode`` decides: ``"poke"`` sleeps in
         the worker, ``"reschedule"`` frees it (never due sooner than ``MIN_RESCHEDULE_DELAY``).
     """
 
-    template_fields: Sequence[str] = ("endpoint", "method", "data", "headers")
+    template_fields: Sequence[str] = ("endpoint", "method", "data", "headers", "rate_limit", "gate_key")
     template_fields_renderers = {"headers": "json", "data": "py"}
     ui_color = "#e3f2e8"
     #: The trigger's RequestSpec names the header a key would use; a sensor sends none.
@@ -143,6 +147,8 @@ class NetworkRequestSensor(BaseSensorOperator):
         max_response_bytes: int | None = DEFAULT_MAX_RESPONSE_BYTES,
         extra_options: dict[str, Any] | None = None,
         shared_gate: bool = True,
+        rate_limit: Any = None,
+        gate_key: str | None = None,
         deferrable: bool | None = None,
         **kwargs: Any,
     ) -> None:
@@ -158,6 +164,7 @@ class NetworkRequestSensor(BaseSensorOperator):
         self.max_rate_limit_wait = coercion.as_timedelta(max_rate_limit_wait, "max_rate_limit_wait")
         self.rate_limit_timeout = None  # the sensor's timeout bounds all its waiting
         self.rate_limit_jitter, self.shared_gate = rate_limit_jitter, shared_gate
+        self.rate_limit, self.gate_key = rate_limit, gate_key
         self.request_timeout = coercion.request_timeout(request_timeout)
         self.request_deadline = coercion.as_timedelta(request_deadline, "request_deadline")
         self.max_response_bytes = max_response_bytes
@@ -186,6 +193,7 @@ class NetworkRequestSensor(BaseSensorOperator):
 
     def execute(self, context: Context) -> Any:
         self.method = str(self.method).upper()  # templated, so normalised after rendering
+        check_gate_settings(self)  # a bad rate_limit or gate_key fails the task before its first poke
         first_reschedule = None
         if self._place() is SensorPlace.WORKER_RESCHEDULING:
             first_reschedule = context["ti"].get_first_reschedule_date(context)
@@ -236,7 +244,9 @@ class NetworkRequestSensor(BaseSensorOperator):
         rules = settings.rules(self._place())
         engine_rules = rules.engine_rules(wait_settings_of(self))
         check = self._check()
-        gate = SharedGate(self.gate_store, self.http_conn_id, origin_of(self.hook.base_url)) if self.shared_gate else None
+        # Looking at the gate again is cheap when the trigger pokes: the wait is in the triggerer.
+        cheap_looks = self.deferrable and self.why_poke_from_worker(task) is None
+        gate = task_gate(self, base_url=self.hook.base_url, cheap_looks=cheap_looks)
         # Bounded by the sensor's timeout: every pass ends, or waits until a later moment
         # that next_poke checked against the deadline.
         while True:

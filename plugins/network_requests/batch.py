@@ -43,7 +43,8 @@ from network_requests.batch_trigger import BatchRequestTrigger
 from network_requests.exceptions import failure_from_payload
 from network_requests.idempotency import DEFAULT_HEADER, DEFAULT_METHODS
 from network_requests.paths import RUN_FOLDER_TEMPLATE, data_dir
-from network_requests.request_spec import RequestSpec, TaskRef, secret_in, wait_settings_of
+from network_requests.gate_access import check_gate_settings
+from network_requests.request_spec import RequestSpec, TaskRef, declaration_as_json, secret_in, wait_settings_of
 from network_requests.responses import refuse_outside_root
 
 if TYPE_CHECKING:
@@ -117,6 +118,9 @@ class BatchRequestOperator(BaseOperator):
     :param max_response_bytes: a larger body fails its request (permanently).
     :param extra_options: extra ``HttpHook`` options (``verify``, ...).
     :param shared_gate: pace through the Connection's shared gate (see NetworkRequestOperator).
+    :param rate_limit: limits declared for the API, replacing the Connection's
+        ``extra["rate_limit"]`` (templated; ``[]``: none); see NetworkRequestOperator.
+    :param gate_key: the quota the requests count against (templated; default: the Connection's own).
     :param deferrable: send from the triggerer; False sends from the worker. Default:
         ``[operators] default_deferrable``.
     :param idempotency_key: send an ``Idempotency-Key`` with ``idempotency_key_methods``: one
@@ -126,7 +130,8 @@ class BatchRequestOperator(BaseOperator):
     :param max_value_bytes: see ``write_bodies``.
     """
 
-    template_fields: Sequence[str] = ("requests", "method", "headers", "output_folder", "output_root")
+    template_fields: Sequence[str] = ("requests", "method", "headers", "output_folder", "output_root", "rate_limit",
+                                      "gate_key")
     template_fields_renderers = {"requests": "json", "headers": "json"}
     ui_color = "#dcecfb"
 
@@ -154,6 +159,8 @@ class BatchRequestOperator(BaseOperator):
         max_response_bytes: int | None = DEFAULT_MAX_RESPONSE_BYTES,
         extra_options: dict[str, Any] | None = None,
         shared_gate: bool = True,
+        rate_limit: Any = None,
+        gate_key: str | None = None,
         deferrable: bool | None = None,
         idempotency_key: bool = True,
         idempotency_key_header: str = DEFAULT_HEADER,
@@ -179,6 +186,7 @@ class BatchRequestOperator(BaseOperator):
         self.request_deadline = coercion.as_timedelta(request_deadline, "request_deadline")
         self.max_response_bytes, self.extra_options = max_response_bytes, extra_options or {}
         self.shared_gate, self.deferrable = shared_gate, deferrable_or_default(deferrable)
+        self.rate_limit, self.gate_key = rate_limit, gate_key
         self.idempotency_key, self.idempotency_key_header = idempotency_key, idempotency_key_header
         self.idempotency_key_methods = tuple(idempotency_key_methods)
         self.max_value_bytes = int(max_value_bytes)
@@ -187,6 +195,7 @@ class BatchRequestOperator(BaseOperator):
 
     def execute(self, context: Context) -> Any:
         ti = context["ti"]
+        check_gate_settings(self)  # a bad rate_limit or gate_key fails the task before any request
         settings = self.settings(TaskRef.of(ti), int(ti.try_number or 1))
         items = self.plan()
         checkpoint = Checkpoint(settings.output_folder, settings.request.task)
@@ -240,6 +249,7 @@ class BatchRequestOperator(BaseOperator):
             request_deadline=None if self.request_deadline is None else self.request_deadline.total_seconds(),
             max_response_bytes=self.max_response_bytes, waits=wait_settings_of(self), shared_gate=self.shared_gate,
             push_xcom=bool(self.do_xcom_push), idempotency_header=self.idempotency_key_header,
+            rate_limit=declaration_as_json(self.rate_limit), gate_key=self.gate_key,
         )
         retries = ItemRetries(
             max_tries=self.max_tries_per_item, retry_delay=self.item_retry_delay.total_seconds(),

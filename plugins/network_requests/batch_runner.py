@@ -57,7 +57,7 @@ from network_requests.batch_plan import (FAILED, OK, PERMANENT, TRANSIENT, Batch
 from network_requests.endpoints import redact_url
 from network_requests.engine import Fail, Finish, Place, Send, Step, Wait, WaitBudget
 from network_requests.exceptions import NetworkRequestError, TransientRequestError
-from network_requests.gate_access import SharedGate, default_gate_store, origin_of
+from network_requests.gate_access import SharedGate, default_gate_store, spec_gate
 from network_requests.gate_store import GateStore
 from network_requests.hooks import NetworkRequestHook
 from network_requests.idempotency import DEFAULT_METHODS, with_idempotency_key
@@ -199,7 +199,7 @@ class BatchRun:
         self.clock, self.rand = clock, rand
         self._gate_store = gate_store
         self._rules = settings.request.waits.rules(Place.TRIGGERER)
-        self._behaviours: dict[str, StandardBehaviour] = {}
+        self._behaviours: dict[tuple[str, bool], StandardBehaviour] = {}
         self._use_requests: str | None = None  # why the requests sender is used, once known
         self._gate: SharedGate | None = None
         self._sequence = itertools.count()
@@ -236,7 +236,7 @@ class BatchRun:
                       len(self.items), self.report.already_done, len(left), self.settings.max_in_flight,
                       self.settings.request.conn_id)
         if left and self.settings.request.shared_gate:
-            self._gate = await self._open_shared_gate(self.settings.request.conn_id)
+            self._gate = await self._open_shared_gate(self.settings.request)
         pending: list[tuple[float, int, _Job]] = []
         for item in left:
             if item.refused:
@@ -346,7 +346,7 @@ class BatchRun:
             await self._in_gate_thread(report_no_answer, error, conn_id=spec.conn_id, now=self.clock(), gate=gate,
                                     elapsed=time.monotonic() - started, ticket=ticket, log=self.log)
             return await self._failed_try(job, error)
-        behaviour = self._behaviour(item.method)
+        behaviour = self._behaviour(item.method, spec.carries_idempotency_key)
         safe_url = redact_url(url)
         step, what = await self._in_gate_thread(
             judge_answer, behaviour, response, elapsed=elapsed, conn_id=spec.conn_id, method=item.method,
@@ -429,12 +429,13 @@ class BatchRun:
         assert self._threads is not None, "only while the batch runs"
         return await asyncio.get_running_loop().run_in_executor(self._threads, functools.partial(function, *args, **kwargs))
 
-    async def _open_shared_gate(self, conn_id: str) -> SharedGate:
-        """The Connection's shared gate, its store wrapped so the batch's changes share updates."""
+    async def _open_shared_gate(self, spec: RequestSpec) -> SharedGate | None:
+        """The shared gate of the batch's quota (its Connection's, or its ``gate_key``'s, with the
+        declared limits), its store wrapped so the batch's changes share updates."""
         store = self._gate_store or await self._in_sdk_thread(default_gate_store)
-        base_url = await self._in_sdk_thread(_base_url, conn_id)
+        base_url = await self._in_sdk_thread(_base_url, spec.conn_id)
         self._coalescing = CoalescingGateStore(store, self._sdk_lock)
-        return SharedGate(self._coalescing, conn_id, origin_of(base_url))
+        return await self._in_sdk_thread(spec_gate, self._coalescing, spec, base_url=base_url)
 
     async def _send(self, spec: RequestSpec) -> tuple[requests.Response, float, str]:
         """Send with aiohttp as the trigger does; with ``requests`` (in a thread) when the
@@ -452,10 +453,12 @@ class BatchRun:
                 return response, elapsed, request.url
         return await self._in_sdk_thread(_send_with_requests, spec, deadline)
 
-    def _behaviour(self, method: str) -> StandardBehaviour:
-        if method not in self._behaviours:
-            self._behaviours[method] = StandardBehaviour(method=method, backoff=self._rules.backoff, rand=self.rand)
-        return self._behaviours[method]
+    def _behaviour(self, method: str, keyed: bool) -> StandardBehaviour:
+        """The operator's own judgement of an answer; ``keyed``: the request carries an Idempotency-Key."""
+        if (method, keyed) not in self._behaviours:
+            self._behaviours[(method, keyed)] = StandardBehaviour(method=method, backoff=self._rules.backoff,
+                                                                  rand=self.rand, sent_idempotency_key=keyed)
+        return self._behaviours[(method, keyed)]
 
     async def _announce(self, step: Wait, item: BatchItem) -> None:
         """Log the wait and emit its event, in a thread: the wait history writes a Variable."""

@@ -6,10 +6,15 @@ Every 5 minutes this DAG fetches several endpoints of the API behind the
 task per endpoint, and saves each response under the data folder:
 `$NETWORK_REQUESTS_DATA_DIR/network_request_periodic/<run id>/<endpoint>.json`.
 
-The endpoints are fetched at once, so a tight API answers some of them with
-**429 Too Many Requests**. Those tasks are deferred (no retry spent, no worker slot
-held) and run again when the server's `Retry-After` allows.
+The tasks start together; the shared gate paces them to what the API announced
+(`RateLimit-Remaining`), so the ones beyond its burst wait their turn without sending.
+A **429 Too Many Requests** that comes anyway is waited out until the server's
+`Retry-After` (no retry spent, no worker slot held while deferred).
 Server errors and connection problems use the normal `retries`.
+
+Each saved response is an event of the Asset `network_request_periodic_responses`,
+whose `extra` says `path`, `status_code`, `bytes` and `content_type`; the DAG
+`network_request_consumer` is scheduled on it.
 
 `catchup=False` and `max_active_runs=1`: a run slowed by a rate limit never piles
 up behind itself, and a paused DAG does not flood the API with missed runs.
@@ -20,7 +25,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import DAG
+from airflow.sdk import Asset, DAG
 
 from network_requests import NetworkRequestOperator
 from network_requests.paths import RUN_FOLDER_TEMPLATE, data_dir
@@ -33,6 +38,10 @@ ENDPOINTS = (
     "/api/weather",
     "/api/exchange-rates",
 )
+
+#: One Asset for the run's saved responses: downstream DAGs want "new data fetched", and
+#: each event's extra names its file. (network_request_consumer declares the same Asset.)
+SAVED_RESPONSES = Asset("network_request_periodic_responses")
 
 
 def _output_file(endpoint: str) -> str:
@@ -66,6 +75,7 @@ with DAG(
         rate_limit_timeout=timedelta(minutes=30),
         # The run id names a folder: never let it (or anything else) write outside the data folder.
         output_root=data_dir(),
+        outlets=[SAVED_RESPONSES],
     ).expand_kwargs(
         [{"endpoint": endpoint, "output_path": _output_file(endpoint)} for endpoint in ENDPOINTS]
     )

@@ -58,6 +58,14 @@ def test_periodic_dag_runs_every_5_minutes_without_catchup_or_pile_up(dag_bag):
     assert dag.max_active_runs == 1
 
 
+def test_consumer_dag_is_scheduled_on_the_asset_the_periodic_fetches_update(dag_bag):
+    fetch = dag_bag.dags["network_request_periodic"].get_task("fetch")
+    consumer = dag_bag.dags["network_request_consumer"]
+
+    assert fetch.outlets, "the periodic fetches declare no Asset"
+    assert list(consumer.timetable.asset_condition.objects) == fetch.outlets
+
+
 def test_once_dag_is_only_triggered_by_hand(dag_bag):
     dag = dag_bag.dags["network_request_once"]
     assert dag.schedule is None

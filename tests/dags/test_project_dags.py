@@ -29,6 +29,33 @@ def demo_api():
     server.server_close()
 
 
+PERIODIC_ASSET = "network_request_periodic_responses"
+
+
+def asset_events_of_run(asset_name: str, run_id: str) -> list:
+    """The events a DAG run emitted for the Asset, as a consumer task receives them."""
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.sdk.api.datamodels._generated import AssetReferenceAssetEventDagRun
+    from airflow.sdk.execution_time.comms import AssetEventDagRunReferenceResult
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        rows = session.execute(
+            select(AssetEvent, AssetModel).join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+            .where(AssetModel.name == asset_name, AssetEvent.source_run_id == run_id)
+        ).all()
+        return [
+            AssetEventDagRunReferenceResult(
+                asset=AssetReferenceAssetEventDagRun(name=asset.name, uri=asset.uri, extra=asset.extra or {}),
+                extra=event.extra, source_task_id=event.source_task_id, source_dag_id=event.source_dag_id,
+                source_run_id=event.source_run_id, source_map_index=event.source_map_index, source_aliases=[],
+                timestamp=event.timestamp,
+            )
+            for event, asset in rows
+        ]
+
+
 def installed_dag(name: str) -> Path:
     """dag.test() needs the DAG file inside the (test) dags folder."""
     target = TEST_DAGS_DIR / name
@@ -60,6 +87,41 @@ def test_periodic_dag_waits_out_the_rate_limit_and_saves_every_endpoint(demo_api
         saved = Path(task.xcom["path"])
         assert saved.is_file() and json.loads(saved.read_text())
         assert "network_request_periodic" in saved.parts
+    # Each saved response is an event of the Asset the consumer DAG is scheduled on.
+    events = asset_events_of_run(PERIODIC_ASSET, result.run_id)
+    assert sorted(event.extra["path"] for event in events) == sorted(task.xcom["path"] for task in fetches)
+    for event in events:
+        saved = Path(event.extra["path"])
+        assert event.extra == {"path": str(saved), "status_code": 200, "bytes": saved.stat().st_size,
+                               "content_type": "application/json"}
+
+
+def test_consumer_dag_summarizes_the_responses_the_periodic_run_saved(demo_api):
+    """The consumer's task reads the extra of the events a periodic run emitted (the scheduler's part,
+    handing them over as triggering_asset_events, is checked in the embedded stack: tests/e2e)."""
+    from airflow.sdk.execution_time.context import TriggeringAssetEventsAccessor
+
+    periodic = run_dag(installed_dag("network_request_periodic.py"), "network_request_periodic")
+    consumer = load_dag(installed_dag("network_request_consumer.py"), "network_request_consumer")
+    events = asset_events_of_run(PERIODIC_ASSET, periodic.run_id)
+
+    summary = consumer.get_task("summarize").python_callable(
+        triggering_asset_events=TriggeringAssetEventsAccessor.build(events))
+
+    assert summary["responses"] == 6
+    assert summary["status_codes"] == {"200": 6}
+    assert summary["paths"] == sorted(event.extra["path"] for event in events)
+    assert summary["bytes"] == sum(Path(path).stat().st_size for path in summary["paths"]) > 0
+
+
+def test_consumer_dag_run_by_hand_summarizes_no_event(demo_api):
+    dag = load_dag(installed_dag("network_request_consumer.py"), "network_request_consumer")
+
+    dag_run = dag.test()
+
+    task = collect("network_request_consumer", dag_run.run_id, str(dag_run.state)).task("summarize")
+    assert task.state == "success"
+    assert task.xcom == {"responses": 0, "bytes": 0, "status_codes": {}, "paths": []}
 
 
 def test_once_dag_fetches_the_endpoint_given_in_conf(demo_api):

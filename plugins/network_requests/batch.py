@@ -219,8 +219,6 @@ class BatchRequestOperator(BaseOperator):
         """Where the triggerer hands the task back: fail with what stopped the batch, or
         with the summary when too many requests failed; else return the summary."""
         event = event or {}
-        if event.get("status") == "replan":
-            return self.execute(context)
         if event.get("status") == "stopped":
             raise failure_from_payload(event.get("failure") or {})
         ti = context["ti"]

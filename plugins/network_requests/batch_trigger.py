@@ -4,7 +4,8 @@ A deferred :class:`~network_requests.batch.BatchRequestOperator` hands the trigg
 settings (:class:`~network_requests.batch_runner.BatchSettings`: plain JSON, no secret, a
 few hundred bytes whatever the batch's size) and the path and SHA-256 of the request list
 the worker wrote next to the outputs. The list itself is not in the trigger's arguments:
-those are stored in the metadata database, and thousands of endpoints belong in a file.
+those are stored in the metadata database, and thousands of endpoints belong in a file. A
+list the triggerer cannot read, or another one, fails the try (the folder must be shared).
 
 The trigger sends what the checkpoint says is left (:class:`~network_requests.batch_runner.BatchRun`),
 so a triggerer killed or restarted mid-batch picks up where the journal ends. Then:
@@ -23,6 +24,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+from airflow.sdk.exceptions import AirflowException
 from airflow.triggers.base import BaseTrigger, TaskSuccessEvent, TriggerEvent
 
 from network_requests.batch_checkpoint import Checkpoint, ManifestChanged
@@ -62,8 +64,11 @@ class BatchRequestTrigger(BaseTrigger):
         try:
             items = await asyncio.to_thread(checkpoint.read_manifest, self.manifest_sha256)
         except ManifestChanged as reason:
-            self.log.warning("Handing the batch back to a worker to write its request list again: %s", reason)
-            yield TriggerEvent({"status": "replan"})
+            # Most likely the folder is not the same for the worker and the triggerer. The try
+            # fails (a retry writes the list again), saying so, instead of sending another list.
+            error = AirflowException(f"The triggerer cannot read the request list the worker wrote ({reason}): "
+                                     "output_folder must be a folder the workers and the triggerer share")
+            yield TriggerEvent({"status": "stopped", "failure": failure_payload(error)})
             return
         runner = BatchRun(settings, items, log=self.log)
         try:

@@ -195,6 +195,22 @@ def test_without_deferral_the_worker_sends_the_batch_itself(request, api, tmp_pa
     assert not list(tmp_path.glob(".batch/*.requests.json"))
 
 
+def test_a_request_list_the_triggerer_cannot_read_fails_the_try_sending_nothing(request, api, tmp_path, monkeypatch,
+                                                                               capfd):
+    from network_requests.batch_checkpoint import Checkpoint
+
+    real_write = Checkpoint.write_manifest
+    # As if the triggerer saw another folder than the worker (not shared): not the list it was given.
+    monkeypatch.setattr(Checkpoint, "write_manifest", lambda self, items: real_write(self, items[:1]) and "0" * 64)
+
+    result = _run(request, _batch(["/ok/1", "/ok/2"], tmp_path))
+
+    assert result.task("batch").state == "failed"
+    assert api.request_count == 0
+    output = capfd.readouterr()
+    assert "output_folder must be a folder the workers and the triggerer share" in output.out + output.err
+
+
 def test_the_triggers_arguments_hold_settings_and_a_digest_not_thousands_of_requests(monkeypatch, tmp_path):
     from network_requests.batch import BatchRequestOperator
     from network_requests.batch_checkpoint import Checkpoint

@@ -36,8 +36,8 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from network_requests import coercion
 from network_requests.airflow_conventions import deferrable_or_default
 from network_requests.batch_checkpoint import Checkpoint, read_journal
-from network_requests.batch_plan import (PERMANENT, BatchItem, failure_message, items_left, plan_batch, summarize,
-                                         too_many_failures)
+from network_requests.batch_plan import (PERMANENT, BatchItem, allowed_failures, failure_message, items_left,
+                                         plan_batch, summarize, too_many_failures)
 from network_requests.batch_runner import BatchRun, BatchSettings, BatchStopped, ItemRetries
 from network_requests.batch_trigger import BatchRequestTrigger
 from network_requests.exceptions import failure_from_payload
@@ -178,6 +178,7 @@ class BatchRequestOperator(BaseOperator):
         self.item_retry_delay = coercion.as_timedelta(item_retry_delay, "item_retry_delay") or timedelta(0)
         self.item_retry_exponential_backoff = float(item_retry_exponential_backoff)
         self.max_item_retry_delay = coercion.as_timedelta(max_item_retry_delay, "max_item_retry_delay")
+        allowed_failures(allow_failures, 1)  # a wrong value fails when the DAG is parsed, not at the end
         self.allow_failures = allow_failures
         self.max_rate_limit_wait = coercion.as_timedelta(max_rate_limit_wait, "max_rate_limit_wait")
         self.rate_limit_timeout = coercion.as_timedelta(rate_limit_timeout, "rate_limit_timeout")

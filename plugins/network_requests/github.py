@@ -9,16 +9,16 @@ An example of the operator's extension points, each override small:
 - :meth:`~GitHubApiOperator.rate_limit_wait`: ``Retry-After`` first, then the *primary*
   limit (``x-ratelimit-remaining: 0`` + ``x-ratelimit-reset`` epoch, read by the base class);
   a secondary limit without ``Retry-After`` waits at least a minute, doubling, as GitHub asks;
-- :meth:`~GitHubApiOperator.result_of`: follows ``Link: <...>; rel="next"`` (same host and
-  base path only) up to ``max_pages`` pages and returns them combined.
+- :meth:`~GitHubApiOperator.result_of`: logs the quota left after each page;
+- ``pagination_function``: :func:`follow_link_next` follows ``Link: <...>; rel="next"`` up to
+  ``max_pages`` pages (the operator's pagination refuses a link off the Connection's host
+  and base path), and the pages are combined.
 
-Every page is a request of its own through the operator's loop, so each one asks the
-shared gate first (a page sent with ``x-ratelimit-remaining: 0`` on the previous one waits
-for the reset without sending) and handles its own rate limit. A wait in the middle of the
-pages that is longer than ``in_process_wait_threshold`` (so not slept in the task)
-defers (or reschedules) the task, and the task then starts again from the first page: it
-comes back in a new process, and Airflow clears a task's XComs when it comes back from a
-reschedule, so there is nowhere to keep the pages already read.
+Every page is a request of its own through the operator's driver
+(:mod:`network_requests.page_reader`), so each one asks the shared gate first (a page sent
+with ``x-ratelimit-remaining: 0`` on the previous one waits for the reset without sending)
+and handles its own rate limit. The pages read are kept until the task succeeds, so a wait
+that defers or reschedules the task, or a retry, goes on from the next page.
 
 Connection: an HTTP Connection with host ``api.github.com``, schema ``https`` and a token as
 extra header, e.g. ``AIRFLOW_CONN_GITHUB_API='{"conn_type": "http", "host": "api.github.com",
@@ -27,17 +27,15 @@ extra header, e.g. ``AIRFLOW_CONN_GITHUB_API='{"conn_type": "http", "host": "api
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import requests
 
-from network_requests.endpoints import same_origin
 from network_requests.attempts import rate_limit_info
-from network_requests.engine import WaitBudget
 from network_requests.operators import NetworkRequestOperator
-from network_requests.output import write_atomically
 from network_requests.rate_limit import Outcome, RateLimitWait, WaitSource
 
 DEFAULT_GITHUB_CONN_ID = "github_api"
@@ -52,6 +50,13 @@ def next_page_url(response: requests.Response) -> str | None:
     return (response.links.get("next") or {}).get("url") or None
 
 
+def follow_link_next(response: requests.Response) -> dict[str, Any] | None:
+    """GitHub's ``pagination_function``: the ``rel="next"`` URL, whose query is the whole query
+    (so the first page's ``data`` is dropped); ``None`` on the last page."""
+    url = next_page_url(response)
+    return {"endpoint": url, "data": None} if url else None
+
+
 def mentions_rate_limit(response: requests.Response) -> bool:
     """Does the body say "rate limit" (GitHub's ``{"message": "You have exceeded a secondary rate limit..."}``)?"""
     text = response.content[:2000].decode("utf-8", errors="replace").lower()
@@ -63,12 +68,13 @@ class GitHubApiOperator(NetworkRequestOperator):
     Call the GitHub REST API; rate limits (primary and secondary) are waited out, pages followed.
 
     :param max_pages: follow ``rel="next"`` links until this many pages were read (1: no paging).
+    :param pagination_function: how to find the next page (default :func:`follow_link_next`).
     :param per_page: GitHub's ``per_page`` query parameter for GET requests (up to 100).
     :param api_version: sent as ``X-GitHub-Api-Version``.
 
     The XCom is the JSON of the page when there is one page; with several pages, the items of
     all pages in one list when the pages are lists, else the list of pages. With
-    ``output_path`` that combined JSON is written to the file instead.
+    ``output_path`` that combined JSON is written to the file instead (and the XCom says where).
     """
 
     template_fields = (*NetworkRequestOperator.template_fields, "per_page")
@@ -80,16 +86,13 @@ class GitHubApiOperator(NetworkRequestOperator):
         max_pages: int = 10,
         per_page: int | None = None,
         api_version: str = GITHUB_API_VERSION,
+        pagination_function: Callable[[requests.Response], dict[str, Any] | None] | None = follow_link_next,
         **kwargs: Any,
     ) -> None:
-        super().__init__(http_conn_id=http_conn_id, **kwargs)
-        if max_pages < 1:
-            raise ValueError(f"max_pages must be at least 1, got {max_pages!r}")
-        self.max_pages = max_pages
+        super().__init__(http_conn_id=http_conn_id, max_pages=max_pages, pagination_function=pagination_function,
+                         **kwargs)
         self.per_page = per_page
         self.api_version = api_version
-        self._pages: list[Any] = []
-        self._depth = 0
 
     # -- extension points -----------------------------------------------------------------
 
@@ -100,9 +103,8 @@ class GitHubApiOperator(NetworkRequestOperator):
             "X-GitHub-Api-Version": self.api_version,
             **(kwargs.get("headers") or {}),
         }
-        if self.method == "GET" and self._depth > 0:
-            kwargs["data"] = None  # a next-page URL already carries the whole query
-        elif self.per_page and self.method == "GET":
+        # A next page's URL already says per_page (GitHub copies the query into its links).
+        if self.per_page and self.method == "GET" and "per_page" not in parse_qs(urlsplit(str(self.endpoint)).query):
             data = kwargs.get("data")
             if data is None or isinstance(data, dict):
                 kwargs["data"] = {"per_page": int(self.per_page), **(data or {})}
@@ -125,64 +127,8 @@ class GitHubApiOperator(NetworkRequestOperator):
         return RateLimitWait(floor.total_seconds(), WaitSource.BACKOFF, now + floor, wait.fallback_reason)
 
     def result_of(self, response: requests.Response, url: str) -> Any:
-        if self._depth == 0:
-            self._pages = []
         self._log_quota(response)
-        self._pages.append(self._page_data(response, url))
-        next_url = next_page_url(response)
-        if next_url and len(self._pages) < self.max_pages:
-            endpoint = self._endpoint_of(next_url)
-            if endpoint is not None:
-                self._read_next_page(endpoint)  # appends the following pages to self._pages
-        elif next_url:
-            self.log.info("Stopped after max_pages=%d pages; more are available", self.max_pages)
-        return self._combined() if self._depth == 0 else None
-
-    # -- pagination -----------------------------------------------------------------------
-
-    def _page_data(self, response: requests.Response, url: str) -> Any:
-        if self.output_path:  # the base class would write each page to the file
-            output_path, self.output_path = self.output_path, None
-            try:
-                return super().result_of(response, url)
-            finally:
-                self.output_path = output_path
         return super().result_of(response, url)
-
-    def _endpoint_of(self, next_url: str) -> str | None:
-        """The next page as an endpoint of this Connection; ``None`` when it points elsewhere."""
-        base = self.hook.base_url.rstrip("/")
-        if not same_origin(next_url, base) or not next_url.startswith(base + "/"):
-            self.log.warning("Not following a next-page link outside the Connection: %s", next_url.split("?")[0])
-            return None
-        return next_url[len(base) :]
-
-    def _read_next_page(self, endpoint: str) -> Any:
-        from airflow.sdk import get_current_context
-
-        first_endpoint = self.endpoint
-        self.endpoint = endpoint
-        self._depth += 1
-        try:
-            # The operator's own driver: the gate first, then the request, its rate limits, its errors.
-            return self._drive(get_current_context(), WaitBudget())
-        finally:
-            self._depth -= 1
-            self.endpoint = first_endpoint
-
-    def _combined(self) -> Any:
-        pages = self._pages
-        if len(pages) == 1:
-            combined = pages[0]
-        elif all(isinstance(page, list) for page in pages):
-            combined = [item for page in pages for item in page]
-        else:
-            combined = pages
-        if self.output_path:
-            body = json.dumps(combined).encode()
-            written = write_atomically(str(self.output_path), body)
-            return {"path": written, "pages": len(pages), "bytes": len(body), "content_type": "application/json"}
-        return combined
 
     def _log_quota(self, response: requests.Response) -> None:
         now = self.clock()

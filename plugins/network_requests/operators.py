@@ -38,6 +38,8 @@ from network_requests.hooks import NetworkRequestHook
 from network_requests.idempotency import DEFAULT_HEADER, DEFAULT_METHODS, with_idempotency_key
 from network_requests.links import ApiEndpointLink
 from network_requests.output_assets import record_output_events
+from network_requests.page_reader import read_pages
+from network_requests.pagination import DEFAULT_MAX_PAGES
 from network_requests.rate_limit import Outcome, RateLimitWait
 from network_requests.request_spec import RequestSpec, TaskRef, describe, wait_settings_of
 from network_requests.responses import refuse_outside_root, written_body
@@ -117,6 +119,15 @@ class NetworkRequestOperator(BaseOperator):
         retries), so the server can deduplicate. A header of that name in ``headers`` wins.
     :param idempotency_key_header: its name (default ``Idempotency-Key``).
     :param idempotency_key_methods: the methods that carry it (default ``POST``, ``PATCH``).
+    :param pagination_function: ``callable(response) -> dict | None``, as ``HttpOperator``'s: the
+        next page's ``endpoint``/``data``/``headers``/``extra_options`` over the previous
+        page's, or ``None`` after the last page (see :mod:`network_requests.pagination`). Every
+        page waits like one request; the pages read are kept until the task succeeds, so a
+        wait or a restart goes on from the next page. The result combines the pages (lists
+        concatenated, else the list of pages); ``response_check``/``response_filter`` see each page.
+    :param max_pages: read at most this many pages (default 100).
+    :param page_checkpoint_folder: where the pages read are kept (default
+        ``$NETWORK_REQUESTS_DATA_DIR/.pages``); with several worker hosts, shared storage.
     """
 
     template_fields: Sequence[str] = ("endpoint", "method", "data", "headers", "output_path", "output_root", "initial_delay")
@@ -151,6 +162,9 @@ class NetworkRequestOperator(BaseOperator):
         idempotency_key: bool = True,
         idempotency_key_header: str = DEFAULT_HEADER,
         idempotency_key_methods: Collection[str] = DEFAULT_METHODS,
+        pagination_function: Callable[[requests.Response], dict[str, Any] | None] | None = None,
+        max_pages: int = DEFAULT_MAX_PAGES,
+        page_checkpoint_folder: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -173,6 +187,10 @@ class NetworkRequestOperator(BaseOperator):
             "in_process_wait_threshold") or timedelta(0)
         self.idempotency_key, self.idempotency_key_header = idempotency_key, idempotency_key_header
         self.idempotency_key_methods = tuple(idempotency_key_methods)
+        if max_pages < 1:
+            raise ValueError(f"max_pages must be at least 1, got {max_pages!r}")
+        self.pagination_function, self.max_pages = pagination_function, max_pages
+        self.page_checkpoint_folder = page_checkpoint_folder
         self._task: TaskRef | None = None
 
     # -- seams for tests and subclasses -------------------------------------------------
@@ -238,7 +256,16 @@ class NetworkRequestOperator(BaseOperator):
     # -- the driver ----------------------------------------------------------------------
 
     def _drive(self, context: Context, budget: WaitBudget) -> Any:
-        """Ask the gate, send, judge the answer, carry out the engine's step; until done or gone."""
+        """The task's result: of its request, or of every page (:mod:`network_requests.page_reader`)."""
+        if self.pagination_function is not None:
+            return read_pages(self, context, budget, lambda budget: self._final_answer(context, budget))
+        response, url, outcome, what = self._final_answer(context, budget)
+        return finish(self, outcome, response, url, method=self.method, what=what, log=self.log,
+                      response_check=self.response_check)
+
+    def _final_answer(self, context: Context, budget: WaitBudget) -> tuple[requests.Response, str, Outcome, str]:
+        """Ask the gate, send, judge the answer, carry out the engine's step; until a final answer
+        (returned with its URL, outcome and status line) or gone (a wait that leaves, a failure)."""
         self._task = task = TaskRef.of(context["ti"])
         self.check_output_path()
         endpoint, url = self._target()
@@ -263,8 +290,7 @@ class NetworkRequestOperator(BaseOperator):
                                           now=self.clock(), rand=self.random_fraction, gate=gate,
                                           ticket=task.ticket, log=self.log)
                 if isinstance(step, Finish):
-                    return finish(self, step.outcome, response, url, method=self.method, what=what, log=self.log,
-                                  response_check=self.response_check)
+                    return response, url, step.outcome, what
             budget = self._carry_out(step, task, what=what, safe_url=safe_url)
         raise AssertionError("unreachable: in-process waits are bounded")  # pragma: no cover
 
@@ -353,8 +379,8 @@ class NetworkRequestOperator(BaseOperator):
         return self._standard().rate_limit_wait(response, now=now, consecutive_waits=consecutive_waits)
 
     def result_of(self, response: requests.Response, url: str) -> Any:
-        """The XCom value of a successful response."""
-        if self.output_path:
+        """The XCom value of a successful response (of one page, with a ``pagination_function``)."""
+        if self.output_path and self.pagination_function is None:  # the pages are written together
             self.check_output_path()  # again: a symlink may have appeared meanwhile
             result = written_body(response, str(self.output_path))
             self.log.info("Wrote %d bytes to %s", result["bytes"], result["path"])

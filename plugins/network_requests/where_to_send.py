@@ -4,7 +4,8 @@ The triggerer runs only the operator's own behaviour (:class:`~network_requests.
 and the async sender), from a :class:`~network_requests.request_spec.RequestSpec` that holds
 no secret. So a request is sent from a worker, after waiting in the triggerer, when it has a
 ``response_check``/``response_filter`` (callables), an ``output_path`` (a file the workers
-should write), ``outlets`` (Airflow 3.3.2 emits no asset event for a task that ends in the
+should write), a ``pagination_function`` (DAG code; the pages are kept by the worker),
+``outlets`` (Airflow 3.3.2 emits no asset event for a task that ends in the
 triggerer: see :mod:`network_requests.output_assets`), a replaced method of the operator
 (found by comparing the subclass and the instance with the operator class, method by
 method: no list to keep in step), settings that are not JSON, or a header, query parameter
@@ -52,6 +53,8 @@ def why_send_from_worker(operator: Any, base: type, spec: Callable[[], RequestSp
         return "finish_in_triggerer is off"
     if operator.response_check is not None or operator.response_filter is not None or operator.output_path:
         return "a response_check, response_filter or output_path runs on the worker"
+    if getattr(operator, "pagination_function", None) is not None:
+        return "a pagination_function: the pages are read and kept by a worker (network_requests.page_reader)"
     if getattr(operator, "outlets", None):
         return "outlets: Airflow emits asset events only for a task that ends on a worker"
     replaced = replaced_methods(operator, base, worker_only=worker_only)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
 import requests
 
-from network_requests.github import GitHubApiOperator, mentions_rate_limit, next_page_url
+from network_requests.github import GitHubApiOperator, follow_link_next, mentions_rate_limit, next_page_url
 from network_requests.rate_limit import Outcome, WaitSource
-from tests.integration_airflow.airflow_helpers import dag_id_for, one_task_dag, run_source
-from tests.support.scripted_api import ScriptedResponse
+from tests.integration_airflow.airflow_helpers import dag_id_for, delete_variable, one_task_dag, read_variable, run_source
+from tests.support.scripted_api import ScriptedApi, ScriptedResponse
 
 GITHUB_HEADERS = {"X-RateLimit-Limit": "5000", "X-RateLimit-Resource": "core"}
 
@@ -58,7 +59,7 @@ def test_follows_link_next_across_three_pages_and_combines_the_items(request, sc
     assert all(r.header("X-GitHub-Api-Version") == "2022-11-28" for r in sent)
 
 
-def test_stops_at_max_pages_and_never_follows_another_host(request, scripted_api):
+def test_stops_at_max_pages(request, scripted_api):
     base = scripted_api.base_url
     scripted_api.script(
         page([1], next_url=f"{base}/items?page=2"),
@@ -70,13 +71,43 @@ def test_stops_at_max_pages_and_never_follows_another_host(request, scripted_api
     assert result.task("gh").xcom == [1, 2]
     assert scripted_api.request_count == 2
 
-    scripted_api.clear()
-    scripted_api.script(page([1], next_url="http://evil.example/items?page=2"))
-    dag_id = dag_id_for(request, "_other_host")
+
+def test_a_next_link_to_another_host_is_refused_and_never_requested(request, scripted_api):
+    with ScriptedApi() as other_host:
+        scripted_api.script(page([1], next_url=f"{other_host.base_url}/items?page=2"))
+        dag_id = dag_id_for(request)
+
+        result = run_source(dag_id, github_dag(dag_id, "endpoint='/items'", "{'retries': 1}"),
+                            base_url=scripted_api.base_url)
+
+        task = result.task("gh")
+        assert task.state == "failed", "a listing cut short by a foreign link is not a success"
+        assert task.try_number == 1, "refused for good, not retried"
+        assert scripted_api.request_count == 1
+        assert other_host.request_count == 0
+
+
+def test_a_long_rate_limit_between_pages_defers_and_goes_on_at_the_page_it_stopped_at(request, scripted_api):
+    """Deferred (the default): the task leaves its worker; page 1, kept on disk, is not fetched again."""
+    base = scripted_api.base_url
+    scripted_api.script(
+        page([1], next_url=f"{base}/items?page=2"),
+        ScriptedResponse(status=403, headers={**GITHUB_HEADERS, "X-RateLimit-Remaining": "4000", "Retry-After": "2"},
+                         body={"message": "You have exceeded a secondary rate limit."}),
+        page([2], next_url=f"{base}/items?page=3"),
+        page([3]),
+    )
+    history_key = "network_requests.waits.network_request_api"
+    delete_variable(history_key)
+    dag_id = dag_id_for(request)
+
     result = run_source(dag_id, github_dag(dag_id, "endpoint='/items'"), base_url=base)
-    assert result.task("gh").state == "success"
-    assert result.task("gh").xcom == [1]
-    assert scripted_api.request_count == 1
+
+    task = result.task("gh")
+    assert [wait["mode"] for wait in json.loads(read_variable(history_key))] == ["defer"], "the task left its worker"
+    assert task.state == "success" and task.try_number == 1
+    assert [r.query for r in scripted_api.requests] == ["", "page=2", "page=2", "page=3"]
+    assert task.xcom == [1, 2, 3]
 
 
 def test_primary_limit_remaining_zero_waits_until_the_reset_epoch(request, scripted_api):
@@ -121,7 +152,7 @@ def test_secondary_limit_403_with_retry_after_is_a_rate_limit(request, scripted_
 
 
 def test_a_rate_limit_between_pages_is_waited_out_and_the_pages_kept(request, scripted_api):
-    """A short wait mid-pagination happens in-process, so the pages already read are kept."""
+    """A short wait mid-pagination is slept in the task."""
     base = scripted_api.base_url
     scripted_api.script(
         page([1], next_url=f"{base}/items?page=2"),
@@ -168,3 +199,9 @@ def test_next_page_url_reads_the_link_header():
     linked = response(200, {"Link": '<https://api.github.com/x?page=2>; rel="next", <https://api.github.com/x?page=9>; rel="last"'})
     assert next_page_url(linked) == "https://api.github.com/x?page=2"
     assert next_page_url(response(200)) is None
+
+
+def test_follow_link_next_asks_for_the_linked_url_with_its_own_query_only():
+    linked = response(200, {"Link": '<https://api.github.com/x?page=2&per_page=5>; rel="next"'})
+    assert follow_link_next(linked) == {"endpoint": "https://api.github.com/x?page=2&per_page=5", "data": None}
+    assert follow_link_next(response(200)) is None

@@ -32,7 +32,7 @@ from network_requests.endpoints import UnsafeEndpointError, redact_url, validate
 from network_requests.engine import (MAX_IN_PROCESS_WAITS, Fail, Finish, InitialDelay, Mode, Place, Send, Wait,
                                      WaitBudget, WaitRules, next_step)
 from network_requests.exceptions import NetworkRequestError, PermanentRequestError, failure_from_payload
-from network_requests.gate_access import SharedGate, default_gate_store, origin_of
+from network_requests.gate_access import check_gate_settings, default_gate_store, task_gate
 from network_requests.gate_store import GateStore
 from network_requests.hooks import NetworkRequestHook
 from network_requests.idempotency import DEFAULT_HEADER, DEFAULT_METHODS, with_idempotency_key
@@ -41,7 +41,7 @@ from network_requests.output_assets import record_output_events
 from network_requests.page_reader import read_pages
 from network_requests.pagination import DEFAULT_MAX_PAGES
 from network_requests.rate_limit import Outcome, RateLimitWait
-from network_requests.request_spec import RequestSpec, TaskRef, describe, wait_settings_of
+from network_requests.request_spec import RequestSpec, TaskRef, carries_idempotency_key, describe, wait_settings_of
 from network_requests.responses import refuse_outside_root, written_body
 from network_requests.wait_delays import MIN_RESCHEDULE_DELAY, default_in_process_threshold, min_defer_delay
 from network_requests.where_to_send import DEFAULT_PREFIX, deferral_trigger, why_send_from_worker
@@ -106,6 +106,14 @@ class NetworkRequestOperator(BaseOperator):
     :param extra_options: extra ``HttpHook`` options (``verify``, ``proxies``, ...).
     :param shared_gate: share what the server said with every task of the same connection, so
         they wait without sending and queue for their turn.
+    :param rate_limit: limits declared for an API that announces none (templated), replacing the
+        Connection's ``extra["rate_limit"]``: ``{"requests": 10, "per": "1s"}``, ``{"requests":
+        5000, "per": "1h", "burst": 100}``, or a list of them; ``[]``: none. The shared gate holds
+        them as it holds what the server says: the stricter wins. See
+        :mod:`network_requests.configured_limits`.
+    :param gate_key: the quota this request counts against (templated). Default: its
+        Connection's own. Tasks naming one key share one gate, across Connections (one token's
+        quota) or within one (a per-route limit: a key per route).
     :param deferrable: wait in the triggerer (needs a running triggerer), else reschedule (never
         due sooner than ``MIN_RESCHEDULE_DELAY``). Default: ``[operators] default_deferrable``
         (see :mod:`network_requests.airflow_conventions`).
@@ -130,7 +138,8 @@ class NetworkRequestOperator(BaseOperator):
         ``$NETWORK_REQUESTS_DATA_DIR/.pages``); with several worker hosts, shared storage.
     """
 
-    template_fields: Sequence[str] = ("endpoint", "method", "data", "headers", "output_path", "output_root", "initial_delay")
+    template_fields: Sequence[str] = ("endpoint", "method", "data", "headers", "output_path", "output_root", "initial_delay",
+                                      "rate_limit", "gate_key")
     template_fields_renderers = {"headers": "json", "data": "py"}
     ui_color = "#e8f4fd"
     operator_extra_links = (ApiEndpointLink(),)
@@ -156,6 +165,8 @@ class NetworkRequestOperator(BaseOperator):
         rate_limit_jitter: float = 0.1,
         extra_options: dict[str, Any] | None = None,
         shared_gate: bool = True,
+        rate_limit: Any = None,
+        gate_key: str | None = None,
         deferrable: bool | None = None,
         in_process_wait_threshold: timedelta | float | None = None,
         finish_in_triggerer: bool = True,
@@ -181,6 +192,7 @@ class NetworkRequestOperator(BaseOperator):
         self.max_rate_limit_wait = coercion.as_timedelta(max_rate_limit_wait, "max_rate_limit_wait")
         self.rate_limit_timeout = coercion.as_timedelta(rate_limit_timeout, "rate_limit_timeout")
         self.rate_limit_jitter, self.shared_gate = rate_limit_jitter, shared_gate
+        self.rate_limit, self.gate_key = rate_limit, gate_key
         self.deferrable, self.finish_in_triggerer = deferrable_or_default(deferrable), finish_in_triggerer
         self.in_process_wait_threshold = coercion.as_timedelta(
             default_in_process_threshold(self.deferrable) if in_process_wait_threshold is None else in_process_wait_threshold,
@@ -217,6 +229,7 @@ class NetworkRequestOperator(BaseOperator):
     def execute(self, context: Context) -> Any:
         # method is templated (a trigger form may choose it), so normalise it after rendering.
         self.method = str(self.method).upper()
+        check_gate_settings(self)  # a bad rate_limit or gate_key fails the task before any wait
         ti = context["ti"]
         reschedules = int(context.get("task_reschedule_count") or 0)
         initial_delay = coercion.as_timedelta(self.initial_delay, "initial_delay")
@@ -270,7 +283,8 @@ class NetworkRequestOperator(BaseOperator):
         self.check_output_path()
         endpoint, url = self._target()
         safe_url, rules = redact_url(url), self._rules()
-        gate = SharedGate(self.gate_store, self.http_conn_id, origin_of(self.hook.base_url)) if self.shared_gate else None
+        # Looking at the gate again costs no worker launch when the trigger sends.
+        gate = task_gate(self, base_url=self.hook.base_url, cheap_looks=self.deferrable and self.finishes_in_triggerer())
         # Each pass sends at most one request; each wait either leaves the process or counts
         # against rules.max_in_process_waits, so the loop is bounded.
         for _ in range(rules.max_in_process_waits + 2):
@@ -390,7 +404,9 @@ class NetworkRequestOperator(BaseOperator):
         return self._standard().result_of(response, url)
 
     def _standard(self) -> StandardBehaviour:
-        return StandardBehaviour(method=self.method, backoff=wait_settings_of(self).backoff(), rand=self.random_fraction)
+        keyed = carries_idempotency_key(self.request_headers(), self.idempotency_key_header)
+        return StandardBehaviour(method=self.method, backoff=wait_settings_of(self).backoff(), rand=self.random_fraction,
+                                 sent_idempotency_key=keyed)
 
     # -- sending from the triggerer -------------------------------------------------------
 

@@ -142,3 +142,26 @@ def test_a_gate_write_failing_after_a_2xx_is_an_event_not_a_failed_try_and_the_p
     assert sends.triggerer == (1 if where == "triggerer" else 0)
     assert [(e.conn_id, e.operation) for e in seen] == [("network_request_api", "observe")]
     assert "gate store went away" in seen[0].error and json.dumps(seen[0].error)
+
+
+def test_a_request_that_got_no_answer_counts_against_a_declared_limit_from_when_it_failed(
+    request, scripted_api, monkeypatch
+):
+    """It may have reached the server, which counted it when it saw it: as late as the moment the
+    connection broke. So a declared "1 per 3 s" holds the next task 3 s from then, not from the send."""
+    monkeypatch.setenv("AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL", "1")  # a deferral's minimum: 1 s, not 5
+    scripted_api.script(ScriptedResponse.close(after_s=2.0))
+    body = one_task_dag(dag_id_for(request), """
+a = NetworkRequestOperator(task_id="a", http_conn_id="network_request_api", endpoint="/a",
+                           rate_limit={"requests": 1, "per": "3s"})
+b = NetworkRequestOperator(task_id="b", http_conn_id="network_request_api", endpoint="/b",
+                           rate_limit={"requests": 1, "per": "3s"}, trigger_rule="all_done")
+a >> b
+""", imports="from network_requests import NetworkRequestOperator")
+
+    result = run_source(dag_id_for(request), body, base_url=scripted_api.base_url)
+
+    assert {key[0]: task.state for key, task in result.tasks.items()} == {"a": "failed", "b": "success"}
+    cut, answered = scripted_api.requests
+    assert cut.response.action == "close", "the fault happened: a got no answer"
+    assert answered.received_at >= cut.received_at + 2.0 + 3.0, "b waited 3 s from when a's connection broke"

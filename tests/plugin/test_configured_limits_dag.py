@@ -131,6 +131,47 @@ NetworkRequestOperator.partial(task_id="fetch", http_conn_id="network_request_ap
     assert [r.response.status for r in headerless_api.requests] == [200] * 5
 
 
+@pytest.mark.parametrize("declared", [False, True], ids=["undeclared", "declared"])
+def test_a_batch_sending_four_at_once_keeps_within_a_limit_declared_for_a_header_less_api(
+    request, headerless_api, tmp_path, declared
+):
+    """Real concurrency: up to four requests under way at once, all through one gate. Without
+    the declaration the server refuses some (the control); with it, none."""
+    extra = {"rate_limit": {"requests": 3, "per": "2s"}} if declared else {}
+    set_connection(connection(headerless_api.base_url, **extra))
+
+    result = run_dag(request, f"""
+from network_requests.batch import BatchRequestOperator
+BatchRequestOperator(task_id="batch", http_conn_id="network_request_api", max_in_flight=4,
+                     requests=[f"/items/{{i}}" for i in range(8)], output_folder={str(tmp_path)!r})
+""")
+
+    assert result.task("batch").state == "success"
+    statuses = [r.response.status for r in headerless_api.requests]
+    if declared:
+        assert statuses == [200] * 8, "no request early, so no 429"
+    else:
+        assert 429 in statuses, "the fault is real: four at once go beyond 3 per 2 s"
+
+
+def test_a_sensor_pokes_no_faster_than_its_declared_limit_in_the_worker_and_the_triggerer(request, scripted_api):
+    """The limit is the sensor's argument; its trigger, which pokes after the first deferral,
+    reads it from the request description. Each poke counts from its answer: 3 s apart at least."""
+    set_connection(scripted_api.base_url)
+    scripted_api.script(ScriptedResponse(status=404), ScriptedResponse(status=404))
+    scripted_api.default_response = ScriptedResponse(body={"ready": True})
+
+    result = run_dag(request, """
+from network_requests.sensors import NetworkRequestSensor
+NetworkRequestSensor(task_id="wait", endpoint="/report", not_ready_status_codes=[404], poke_interval=0.5,
+                     timeout=60, rate_limit={"requests": 1, "per": "3s"}, deferrable=True)
+""")
+
+    assert result.task("wait").state == "success"
+    assert [r.response.status for r in scripted_api.requests] == [404, 404, 200]
+    assert all(gap >= 3.0 for gap in scripted_api.gaps()), scripted_api.gaps()
+
+
 # -- gate keys ----------------------------------------------------------------------------------------
 
 

@@ -23,9 +23,12 @@ again:
 
 An answer's remaining quota is the server's count when it answered. Every other request
 still out may be missing from it, whatever order the gate let them out in (they overtake each
-other on the way), so each counts against it; an answer about a window that is over (a later
-one was reported) counts nothing. Past a block that said only when (a ``Retry-After``), with
-a limit known, one task goes first and brings back the count.
+other on the way), so each counts against it. An answer about a window that is over (a later
+one was reported) counts nothing; one whose reset reads only a little later than the known one
+(two answers from either side of a whole-second ``Date``) is the same window's, unless its
+request went after the known reset. Past a block that said only when (a ``Retry-After``),
+with a limit known, one task goes first and brings back the count; a task back later than a
+window lasts after its time queues again.
 
 Each task holds a *ticket* (its task-instance key). A task that comes back at its time
 sends only if the gate has not been closed further meanwhile; otherwise it is given a new
@@ -489,9 +492,12 @@ def observe(
     interval = _seconds(info.interval) or None
     reported_limit = _count(info.limit)
 
+    # When this answer's request was let out (a holder that sent at its time without writing
+    # the gate went no earlier than that time: its ticket stood for the request until now).
+    sent_at = state.in_flight.get(ticket) if ticket is not None else None
+    if sent_at is None and ticket in state.tickets and state.tickets[ticket] <= now:
+        sent_at = state.tickets[ticket]
     in_flight = {other: at for other, at in state.in_flight.items() if other != ticket}
-    # A holder that sent at its time without writing the gate: its ticket stood for the
-    # request until now.
     tickets = {other: at for other, at in state.tickets.items() if other != ticket}
     # Every other request still out may be missing from the server's count, whenever the gate
     # let it out: requests overtake each other on the way (and answers on the way back), so
@@ -499,11 +505,19 @@ def observe(
     # count costs at most that one request of this window; missing one sends a request early.
     unseen = len(in_flight)
     blocked_until = state.blocked_until
-    same_window = (
-        reported_reset is not None
-        and state.reset_at is not None
-        and abs(reported_reset - state.reset_at) <= SAME_WINDOW_SECONDS
+    later_by = None if reported_reset is None or state.reset_at is None else reported_reset - state.reset_at
+    surely_same = later_by is not None and abs(later_by) <= SAME_WINDOW_SECONDS
+    # A reset a little more than a second later is this window's read against another Date
+    # (two answers from either side of a whole second, observed out of order) or the next
+    # window's: unless its request went after the known reset, it is taken as this window's,
+    # whose quota only shrinks, and says nothing of the window's length.
+    unsure = (
+        later_by is not None
+        and not surely_same
+        and later_by <= 2 * SAME_WINDOW_SECONDS
+        and (sent_at is None or sent_at < state.reset_at)
     )
+    same_window = surely_same or unsure
     if reported_remaining is None:
         remaining = state.remaining
     else:
@@ -531,7 +545,7 @@ def observe(
             1 for at in tickets.values() if _outstanding(at, now) and at >= reported_reset - SAME_WINDOW_SECONDS
         )
     window_first_seen, window_seconds = state.window_first_seen, state.window_seconds
-    if reported_reset is not None:
+    if reported_reset is not None and not unsure:
         if not (same_window and window_first_seen):
             window_first_seen = now
         # The window began no later than its first report: its length is at least this.
@@ -632,6 +646,10 @@ def _admit(
     record_send: bool = True,
 ) -> Admission:
     held = state.tickets.get(ticket)
+    if held is not None and _missed_its_window(state, held, now):
+        # Back later than a window lasts after its time: the quota its time was counted in was
+        # that window's, and sending now would spend this one's, already handed out to others.
+        state, held = _release(state, ticket, now), None
     if held is not None:
         if held <= now and state.blocked_until <= now:
             if state.remaining is not None or state.observed_at:
@@ -722,6 +740,16 @@ def _admit(
     # Quota reported spent but no reset time or rate: only the block is known; past it,
     # let the server say what comes next.
     return _at(state, ticket, back_at(start), now, "the API is blocked (shared gate)")
+
+
+def _missed_its_window(state: GateState, held: float, now: float) -> bool:
+    """Fixed windows: is a task back at ``now`` for the time ``held`` past the end of the window
+    that time was in? A time handed out is never before its window opened, and a window lasts
+    at least the length seen less a second (the length is measured to a reset read up to a
+    second late)."""
+    if not state.limit or state.interval or state.window_seconds <= SAME_WINDOW_SECONDS:
+        return False
+    return now >= held + state.window_seconds - SAME_WINDOW_SECONDS
 
 
 def _counts_after_reset(state: GateState, at: float, *, margin: float) -> bool:

@@ -1238,6 +1238,38 @@ def test_times_handed_out_past_a_newly_reported_reset_still_count_against_the_wi
     assert all(at > NOW + 4.2 for at in times), times
 
 
+def test_two_answers_of_one_window_read_against_dates_a_second_apart_do_not_open_a_new_window():
+    # A window of 4, 3 left until NOW + 2. x and y go at NOW + 0.9; the server counts x at
+    # NOW + 0.99 (Date NOW: "2 left, reset in 2 s") and y at NOW + 1.0 (Date NOW + 1: "1 left,
+    # reset in 1 s"), and y's answer is observed first.
+    state = observe(GateState(), replace(WINDOW_OF_4_SPENT, remaining=3), now=NOW)
+    _, state = admit_all(state, ["x", "y"], now=NOW + 0.9)
+    state = observe(state, replace(WINDOW_OF_4_SPENT, remaining=1, reset_after=1), now=NOW + 1.01, ticket="y")
+    # x's reset reads 1.01 s later than y's: the same window (x went before the known reset).
+    state = observe(state, replace(WINDOW_OF_4_SPENT, remaining=2, reset_after=2), now=NOW + 1.02, ticket="x")
+
+    assert state.remaining == 0
+    assert admit(state, "z", now=NOW + 1.03).send_at >= NOW + 2, "it used to be taken for a new window with 2 left"
+
+
+def test_a_holder_back_after_its_window_has_ended_queues_again():
+    # Four tasks hold the reset of a window of 4 that lasts 2 s; three go at their time,
+    # one is held up elsewhere.
+    _, state = admit_all(observe(GateState(), WINDOW_OF_4_SPENT, now=NOW), ["a", "b", "c", "late"])
+    for index, ticket in enumerate("abc"):
+        state = admit(state, ticket, now=NOW + 2).state
+        state = observe(state, replace(WINDOW_OF_4_SPENT, remaining=3 - index), now=NOW + 2.05, ticket=ticket)
+    # The window after holds four more tasks, sent as it opens.
+    _, state = admit_all(state, ["e", "f", "g", "h"], now=NOW + 2.1)
+    for ticket in "efgh":
+        state = admit(state, ticket, now=NOW + 4.05).state
+
+    back = admit(state, "late", now=NOW + 4.5)
+
+    # Its time was counted in the window before: now it would be a fifth in this one.
+    assert back.send_at > NOW + 4.5
+
+
 def test_a_request_without_an_answer_is_no_longer_out_and_one_never_reported_is_forgotten():
     known = observe(GateState(), RateLimitInfo(**PACED, remaining=3), now=NOW)
     out = admit(admit(known, "a", now=NOW).state, "b", now=NOW).state

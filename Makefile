@@ -2,8 +2,9 @@
 #   make run    Airflow (UI on http://127.0.0.1:8080) + the demo API, Ctrl-C stops all
 #   make test   the test suite, without the distributed and reliability tests
 #   make test-distributed  the CeleryExecutor topology (PostgreSQL + Redis) run natively, with its tests
-#   make test-reliability  fault injection, hostile input, secrets (docs/reliability.md), ~8 min
-#   make bench  the throughput benchmark (bench/README.md), ~6 min; not part of the tests
+#   make test-reliability  fault injection, hostile input, secrets, kills (docs/reliability.md)
+#   make bench  the throughput benchmark (bench/README.md); not part of the tests
+#   make bench-scale  how the cost of N = 60, 600, 3,000 requests grows (bench/README.md), about an hour
 
 PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV := .venv

@@ -8,15 +8,19 @@ inside an Airflow task run by ``dag.test()`` (the Variable store, which only wor
     Send ``GATE_WORKLOAD_REQUESTS`` requests to the scripted API, each as the operator does:
     ask the gate (``gate.admit``), wait in the process until the send time it gives, send,
     read the answer's headers (``read_rate_limit_headers``) and tell the gate
-    (``gate.observe``); a 429 is sent again through the gate. Bounded: a deadline, and a cap
-    on the rounds per request.
+    (``gate.observe``); a 429 is sent again through the gate. Waits end at the time given,
+    by the clock when the answer came, and a "send now" that came back late is asked again:
+    the gate's answer is about the moment it was asked. Bounded: a deadline, and a cap on the
+    rounds per request.
 ``race``
     Two roles that interleave deterministically through files: the ``stale`` writer reads the
     gate (still open), then waits until the ``blocker`` has stored a 429's block of
     ``BLOCK_SECONDS``, then stores its admission computed on what it had read (a gate with
     quota to spare). It then reads the gate again and asks it for a third task.
 
-Each process writes its figures as JSON to ``GATE_WORKLOAD_RESULT``.
+Each process writes its figures as JSON to ``GATE_WORKLOAD_RESULT``; those of ``requests``
+carry a ``trace``: what the gate told the process at each step (admitted for when, and the
+state it left) and what each answer said, for the test to set against the server's timeline.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ BLOCK_SECONDS = 120.0
 #: A task waiting in the process keeps any send time (no deferral in this workload).
 IN_PROCESS_UP_TO = 3600.0
 MAX_ROUNDS_PER_REQUEST = 200
+#: A "send now" that reaches the process this long after it asked is not acted on.
+LATE_ANSWER_SECONDS = 0.25
 #: How long a process waits for the others (start signal, the other role of the race).
 WAIT_FOR_OTHERS_SECONDS = 180.0
 
@@ -74,17 +80,34 @@ def send(base_url: str, client: str) -> tuple[int, dict[str, str]]:
         connection.close()
 
 
+def gate_summary(state: GateState) -> dict[str, Any]:
+    """The fields of a gate that decide an admission, times as epoch seconds (for the trace)."""
+    return {
+        "blocked_until": round(state.blocked_until, 3),
+        "remaining": state.remaining,
+        "reset_at": None if state.reset_at is None else round(state.reset_at, 3),
+        "next_window_taken": state.next_window_taken,
+        "tickets": {ticket: round(at, 3) for ticket, at in state.tickets.items()},
+        "in_flight": {ticket: round(at, 3) for ticket, at in state.in_flight.items()},
+    }
+
+
 def run_requests(store: Any) -> dict[str, Any]:
     name, gate_key, base_url = env("NAME"), env("GATE_KEY"), env("BASE_URL")
     count = int(env("REQUESTS"))
     signals = Path(env("SIGNALS"))
+    # The first call of a store connects (and loads its script): done before the start, so the
+    # first answers are as timely as the others.
+    store.update(gate_key, lambda state: (None, state))
     (signals / f"ready-{name}").touch()
     if not wait_for_file(signals / "go", WAIT_FOR_OTHERS_SECONDS):
         raise TimeoutError("no start signal")
     deadline = time.time() + float(env("DEADLINE_SECONDS", "150"))
     origin = base_url
     figures = {"name": name, "tmpdir": os.environ.get("TMPDIR"), "sent": 0, "ok": 0, "refused": 0,
-               "gate_waits": 0, "waited_s": 0.0, "rounds_max": 0, "stalled": None}  # fmt: skip
+               "gate_waits": 0, "waited_s": 0.0, "late_answers": 0, "rounds_max": 0, "stalled": None,
+               "trace": []}  # fmt: skip
+    trace = figures["trace"]
     for index in range(count):
         ticket = f"{name}|{index}"
         for rounds in range(1, MAX_ROUNDS_PER_REQUEST + 1):
@@ -100,9 +123,19 @@ def run_requests(store: Any) -> dict[str, Any]:
                 return admission, admission.state
 
             admission = store.update(gate_key, ask)
+            trace.append({"at": round(now, 3), "ticket": ticket, "admitted_for": round(admission.send_at, 3),
+                          "reason": admission.reason, "gate": gate_summary(admission.state)})  # fmt: skip
+            if admission.send_at <= now and time.time() - now > LATE_ANSWER_SECONDS:
+                # "Send now" was about the moment it asked (that window, that quota): the store
+                # answered too late to act on it. Ask again (the gate counts it out meanwhile).
+                figures["late_answers"] += 1
+                continue
             if admission.send_at > now:
                 figures["gate_waits"] += 1
-                pause = min(admission.send_at, deadline) - now
+                # Until the time it was given, from the clock now: the store's answer can come
+                # late (a first connection, a busy host), and a pause measured from when it asked
+                # would bring it back that much after its time, into another window's quota.
+                pause = max(min(admission.send_at, deadline) - time.time(), 0.0)
                 figures["waited_s"] += pause
                 time.sleep(pause)
                 continue
@@ -114,9 +147,13 @@ def run_requests(store: Any) -> dict[str, Any]:
             until = None if wait is None else answered + wait
 
             def tell(state: GateState, info: RateLimitInfo = info, now: float = answered, until=until, ticket=ticket):
-                return None, observe(for_origin(state, origin), info, now=now, rate_limited_until=until, ticket=ticket)
+                observed = observe(for_origin(state, origin), info, now=now, rate_limited_until=until, ticket=ticket)
+                return observed, observed
 
-            store.update(gate_key, tell)
+            observed = store.update(gate_key, tell)
+            said = {k: v for k, v in headers.items() if k.lower().startswith(("x-ratelimit", "retry-after", "date"))}
+            trace.append({"at": round(answered, 3), "ticket": ticket, "status": status, "said": said,
+                          "gate": gate_summary(observed)})  # fmt: skip
             figures["rounds_max"] = max(figures["rounds_max"], rounds)
             if status == 200:
                 figures["ok"] += 1

@@ -733,9 +733,11 @@ def _admit(
         # block (a Retry-After says nothing of the window it ends in), how much of the quota
         # is left is unknown, though the limit is known to be small enough to matter. One task
         # goes and brings back the count; the others look again after it, not all at the
-        # block's end. While a request is out or a task holds a time, the others wait for it.
-        ahead = [held for held in state.tickets.values() if _outstanding(held, now)]
-        if ahead or state.in_flight:
+        # block's end. While a request is out or a task holds a time, the others wait for it,
+        # as for a first-contact probe: not for one whose task died without reporting.
+        recent = now - PROBE_TIMEOUT_SECONDS
+        ahead = [held for held in state.tickets.values() if held > recent]
+        if ahead or any(let_out > recent for let_out in state.in_flight.values()):
             return _recheck(state, ticket, back_at(max([start, *ahead]) + RECHECK_SECONDS), now)
     # Quota reported spent but no reset time or rate: only the block is known; past it,
     # let the server say what comes next.

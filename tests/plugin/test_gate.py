@@ -28,6 +28,7 @@ from network_requests.gate import (
     MAX_LOG_ENTRIES,
     MAX_STATE_AGE_SECONDS,
     MAX_TICKETS,
+    PROBE_TIMEOUT_SECONDS,
     RECHECK_SECONDS,
     STATE_TTL_SECONDS,
     TICKET_TTL_SECONDS,
@@ -1169,6 +1170,17 @@ def test_past_a_block_that_said_only_when_one_task_goes_first_and_the_others_loo
     # All eight used to be given the block's end, four more than a window of 4 holds.
     assert sorted(times) == [blocked_until] + [blocked_until + RECHECK_SECONDS] * 7
     assert len(state.tickets) == 1
+
+
+def test_the_others_wait_for_the_one_that_went_first_no_longer_than_for_a_first_contact_probe():
+    # Its request went and its task died without reporting (or its report was lost).
+    state = GateState(limit=4, remaining=0, observed_at=NOW, updated_at=NOW, in_flight={"dead": NOW})
+    assert admit(state, "a", now=NOW + 1).send_at == NOW + 1 + RECHECK_SECONDS
+
+    later = NOW + PROBE_TIMEOUT_SECONDS + 0.1
+    first = admit(state, "a", now=later)
+    assert first.send_at == later
+    assert admit(first.state, "b", now=later).send_at == later + RECHECK_SECONDS
 
 
 def test_quota_left_in_a_window_is_no_use_past_a_block_that_ends_after_its_reset():

@@ -1,4 +1,4 @@
-"""NetworkRequestHook: the provider's HttpHook, except that https:// URIs stay HTTPS."""
+"""NetworkRequestHook: the provider's HttpHook, except that https:// URIs stay HTTPS and the plugin's extra keys are no headers."""
 
 from __future__ import annotations
 
@@ -35,3 +35,28 @@ def test_stock_http_hook_would_downgrade_an_https_uri_which_is_why_we_subclass()
     from airflow.providers.http.hooks.http import HttpHook
 
     assert base_url_for(HttpHook, "https://api.example.com", "/x") == "http://api.example.com/x"
+
+
+def session_headers_for(hook_class, extra: dict) -> dict:
+    import requests
+    from airflow.models.connection import Connection
+
+    hook = hook_class(method="GET", http_conn_id="hook_test")
+    connection = Connection(conn_id="hook_test", conn_type="http", host="api.example.com", extra=extra)
+    return dict(hook._configure_session_from_extra(requests.Session(), connection, {}).headers)
+
+
+def test_the_plugins_rate_limit_extra_is_no_header_while_the_other_extra_keys_still_are():
+    extra = {"rate_limit": {"requests": 10, "per": "1s"}, "Accept": "application/vnd.github+json"}
+
+    headers = session_headers_for(NetworkRequestHook, extra)
+
+    assert "rate_limit" not in headers
+    assert headers["Accept"] == "application/vnd.github+json"
+
+
+def test_stock_http_hook_would_send_the_rate_limit_extra_as_a_header_which_is_why_we_drop_it():
+    from airflow.providers.http.hooks.http import HttpHook
+
+    assert session_headers_for(HttpHook, {"rate_limit": {"requests": 10, "per": "1s"}})["rate_limit"] == {
+        "requests": 10, "per": "1s"}

@@ -260,7 +260,7 @@ class BatchRequestOperator(BaseOperator):
             request=request, output_folder=folder, try_number=try_number, max_in_flight=self.max_in_flight,
             retries=retries, allow_failures=self.allow_failures, write_bodies=self.write_bodies,
             max_value_bytes=self.max_value_bytes, idempotency_key=self.idempotency_key,
-            idempotency_methods=self.idempotency_key_methods,
+            idempotency_methods=self.idempotency_key_methods, finish_in_triggerer=not self.outlets,
         )
 
     def why_send_from_worker(self, settings: BatchSettings, items: Sequence[BatchItem]) -> str | None:

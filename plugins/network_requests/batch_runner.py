@@ -119,6 +119,9 @@ class BatchSettings:
     max_value_bytes: int = 16 * 1024
     idempotency_key: bool = True
     idempotency_methods: tuple[str, ...] = DEFAULT_METHODS
+    #: False for a task with ``outlets``: Airflow 3.3.2 emits asset events only for a task
+    #: that ends on a worker, so the trigger hands the finished batch back to one.
+    finish_in_triggerer: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -12,7 +12,8 @@ so a triggerer killed or restarted mid-batch picks up where the journal ends. Th
 
 - when the batch did well enough (no more failures than ``allow_failures``), the trigger
   ends the task from the triggerer: the summary is pushed as the task's XCom and a
-  ``TaskSuccessEvent`` follows; the whole batch costs one worker launch;
+  ``TaskSuccessEvent`` follows; the whole batch costs one worker launch (a task with
+  ``outlets`` goes back to a worker instead, so that Airflow emits its asset events);
 - otherwise the task goes back to a worker (``execute_complete``), which reads the
   checkpoint and fails with the summary (or raises what stopped the batch): logs, retries
   and callbacks as usual.
@@ -31,7 +32,7 @@ from network_requests.batch_checkpoint import Checkpoint, ManifestChanged
 from network_requests.batch_plan import summarize, too_many_failures
 from network_requests.batch_runner import BatchRun, BatchSettings, BatchStopped
 from network_requests.exceptions import failure_payload
-from network_requests.triggers import _in_the_triggerer
+from network_requests.triggers import in_the_triggerer
 
 CLASSPATH = "network_requests.batch_trigger.BatchRequestTrigger"
 
@@ -81,7 +82,7 @@ class BatchRequestTrigger(BaseTrigger):
             yield TriggerEvent({"status": "stopped", "failure": failure_payload(error)})
             return
         event = {"status": "done", "sent": report.sent}
-        if not _in_the_triggerer():
+        if not (in_the_triggerer() and settings.finish_in_triggerer):
             yield TriggerEvent(event)
             return
         summary = await asyncio.to_thread(self._summary, runner, settings)

@@ -61,19 +61,23 @@ def failure_payload(error: BaseException) -> dict[str, Any]:
             "status_code": error.status_code,
             "wait_seconds": getattr(error, "wait_seconds", None),
         }
-    return {"type": None, "message": f"{type(error).__name__}: {error}"}
+    # Any other AirflowFailException (a bad gate setting, say) keeps its meaning: fail at once.
+    return {"type": None, "message": f"{type(error).__name__}: {error}",
+            "permanent": isinstance(error, AirflowFailException)}
 
 
 def failure_from_payload(payload: dict[str, Any]) -> AirflowException:
     """The exception a worker raises for a failure the triggerer met: same type, same retry meaning.
 
-    Anything else than this module's errors (a missing Connection, say) comes back as a
-    plain ``AirflowException``: it spends a try, like any failure of a task.
+    Anything else than this module's errors comes back as an ``AirflowFailException`` when it
+    was one (a bad gate setting fails at once, as on a worker), else as a plain
+    ``AirflowException`` (a missing Connection, say): it spends a try, like any failure of a task.
     """
     message = str(payload.get("message") or "the triggerer could not send the request")
     error_class = _ERRORS_BY_NAME.get(str(payload.get("type")))
     if error_class is None:
-        return AirflowException(f"Sending the request from the triggerer failed: {message}")
+        generic = AirflowFailException if payload.get("permanent") is True else AirflowException
+        return generic(f"Sending the request from the triggerer failed: {message}")
     facts = {"method": str(payload.get("method") or ""), "url": str(payload.get("url") or ""),
              "status_code": payload.get("status_code")}
     if error_class is RateLimitExceededError:

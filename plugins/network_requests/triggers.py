@@ -49,7 +49,7 @@ def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _in_the_triggerer() -> bool:
+def in_the_triggerer() -> bool:
     """True in Airflow's triggerer; False when a trigger runs in-line (``dag.test()``).
 
     ``dag.test()`` resumes the task on the worker with the event's payload whatever the
@@ -178,7 +178,7 @@ class RateLimitedRequestTrigger(BaseTrigger):
         return step
 
     async def _success_event(self, spec: RequestSpec, result: Any) -> TriggerEvent:
-        if not _in_the_triggerer():
+        if not in_the_triggerer():
             return TriggerEvent({"result": result})
         try:
             if spec.push_xcom and result is not None:

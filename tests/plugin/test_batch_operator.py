@@ -232,6 +232,46 @@ def test_the_triggers_arguments_hold_settings_and_a_digest_not_thousands_of_requ
     assert BatchRequestTrigger(**json.loads(stored)).serialize()[1] == kwargs, "it survives the round trip"
 
 
+def test_a_batch_with_outlets_ends_on_a_worker_so_its_asset_event_is_emitted(request, api, tmp_path, monkeypatch):
+    """Airflow 3.3.2 emits no asset event for a task that ends in the triggerer: a batch with
+    outlets hands the finished batch back to a worker, even where it could end in the triggerer."""
+    from network_requests import batch_trigger
+    from tests.plugin.test_assets import stored_asset_events
+
+    asked: list[bool] = []
+
+    def as_in_the_triggerer() -> bool:  # dag.test() runs the trigger in-line: act as the triggerer would
+        asked.append(True)
+        return True
+
+    monkeypatch.setattr(batch_trigger, "in_the_triggerer", as_in_the_triggerer)
+    asset = f"batch_{_dag_id(request)}"
+    operator = _batch(["/ok/1", "/ok/2"], tmp_path).replace(
+        "BatchRequestOperator(", f"BatchRequestOperator(outlets=[Asset({asset!r})], ")
+
+    result = _run(request, "from airflow.sdk import Asset\n" + operator)
+
+    task = result.task("batch")
+    assert asked, "the trigger ran and asked where it runs"
+    assert task.state == "success" and task.xcom["succeeded"] == 2
+    assert _sent(api) == {"/ok/1": 1, "/ok/2": 1}, "handing back sends nothing again"
+    events = stored_asset_events(asset)
+    assert [(e["source_dag_id"], e["source_task_id"]) for e in events] == [(result.dag_id, "batch")]
+
+
+def test_only_a_batch_without_outlets_may_end_in_the_triggerer(tmp_path):
+    from airflow.sdk import Asset
+
+    from network_requests.batch import BatchRequestOperator
+    from network_requests.request_spec import TaskRef
+
+    plain = BatchRequestOperator(task_id="a", requests=["/x"], output_folder=str(tmp_path))
+    with_outlets = BatchRequestOperator(task_id="b", requests=["/x"], output_folder=str(tmp_path), outlets=[Asset("x")])
+
+    assert plain.settings(TaskRef("d", "r", "a"), 1).finish_in_triggerer is True
+    assert with_outlets.settings(TaskRef("d", "r", "b"), 1).finish_in_triggerer is False
+
+
 # -- mapped chunks, and TaskFlow around a batch ------------------------------------------------------
 
 

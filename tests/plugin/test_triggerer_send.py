@@ -411,3 +411,17 @@ def test_any_other_failure_in_the_triggerer_comes_back_as_a_plain_failure_that_i
     assert type(again) is AirflowException
     assert not isinstance(again, AirflowFailException)
     assert "LookupError: no connection 'x'" in str(again)
+
+
+def test_a_failure_that_fails_at_once_on_a_worker_fails_at_once_after_the_hand_back_too():
+    """A bad gate setting met in the triggerer (a Connection's extra edited since the deferral,
+    say) is an AirflowFailException there: the worker raises it without spending a retry."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from network_requests import exceptions
+    from network_requests.gate_access import GateSettingsError
+
+    again = exceptions.failure_from_payload(exceptions.failure_payload(GateSettingsError("bad rate_limit")))
+
+    assert isinstance(again, AirflowFailException)
+    assert "GateSettingsError: bad rate_limit" in str(again)

@@ -44,7 +44,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
-from urllib.parse import urlsplit
 
 import requests
 
@@ -66,7 +65,7 @@ from network_requests.rate_limit import Backoff, Outcome, WaitSource
 from network_requests.request_spec import RequestSpec
 from network_requests.responses import error_for, is_json
 from network_requests.safe_paths import UnsafeOutputPathError, checked_output_path
-from network_requests.sending_async import CannotSendHere, PreparedSend, prepare, send
+from network_requests.sending_async import CannotSendHere, prepare, send
 
 #: Gate waits shorter than this are the batch's own pacing: logged at DEBUG, no wait event.
 QUIET_WAIT_SECONDS = 1.0
@@ -451,7 +450,7 @@ class BatchRun:
                 self._use_requests = str(reason)
                 self.log.info("Sending the batch with requests, in threads: %s", reason)
             else:
-                response, elapsed = await send(_without_tls_settings_for_http(request), deadline=deadline,
+                response, elapsed = await send(request, deadline=deadline,
                                                max_response_bytes=spec.max_response_bytes)
                 return response, elapsed, request.url
         return await self._in_sdk_thread(_send_with_requests, spec, deadline)
@@ -480,15 +479,6 @@ async def _sleep_until(moment: datetime) -> None:
         if left <= 0:
             return
         await asyncio.sleep(min(left, 60.0))
-
-
-def _without_tls_settings_for_http(request: PreparedSend) -> PreparedSend:
-    """A plain-HTTP request with no TLS settings: the sender builds a new SSL context per
-    request from them (loading the CA bundle: ~27 ms of CPU in the event loop), which an
-    ``http://`` request never uses (a redirect may not leave the origin, so it stays ``http``)."""
-    if urlsplit(request.base_url).scheme != "http":
-        return request
-    return replace(request, verify=False, cert=None)
 
 
 def _base_url(conn_id: str) -> str:

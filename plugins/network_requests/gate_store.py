@@ -98,7 +98,21 @@ class GateStoreUnavailableError(GateStoreError):
 
 def variable_key(conn_id: str) -> str:
     """The Variable holding the gate of ``conn_id`` (shown in Admin → Variables)."""
-    return VARIABLE_PREFIX + re.sub(r"[^A-Za-z0-9_.-]", "_", conn_id)
+    return VARIABLE_PREFIX + variable_suffix(conn_id)
+
+
+def variable_suffix(key: str) -> str:
+    """``key`` as a Variable name's last part: itself when it is made of ``[A-Za-z0-9_.-]``
+    only, else those characters with ``_`` for the others, ``~`` and a digest of ``key``.
+
+    One name per key: ``key:github-token`` (an explicit ``gate_key``) and the Connection
+    ``key_github-token`` must not share a gate (nor ``a b`` and ``a_b``). ``~`` cannot occur
+    in a plain key, and a URL carries it as it is (the execution API names Variables in paths).
+    """
+    if re.fullmatch(r"[A-Za-z0-9_.-]+", key):
+        return key
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', key)}~{digest}"
 
 
 _damage_logged: set[tuple[str, str]] = set()

@@ -18,13 +18,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 from datetime import datetime
 from typing import Any
 
 from network_requests.endpoints import redact_url
 from network_requests.events import Event, WaitEvent
-from network_requests.gate_store import fresh_variable, host_lock
+from network_requests.gate_store import fresh_variable, host_lock, variable_suffix
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +36,7 @@ _FIELDS = ("at", "until", "seconds", "source", "mode", "task", "url")
 
 def variable_key(conn_id: str) -> str:
     """The Variable holding the recent waits of ``conn_id`` (same naming as the gate's)."""
-    return VARIABLE_PREFIX + re.sub(r"[^A-Za-z0-9_.-]", "_", conn_id)
+    return VARIABLE_PREFIX + variable_suffix(conn_id)
 
 
 def entry_of(event: WaitEvent) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import tempfile
 import threading
 import time
@@ -21,8 +22,10 @@ from pathlib import Path
 
 import airflow.sdk
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
-from network_requests import gate_store
+from network_requests import gate_store, wait_history
 from network_requests.gate import DAMAGED_STATE_BLOCK_SECONDS, STATE_TTL_SECONDS, GateState, admit, observe
 from network_requests.gate_store import (
     GateContentionError,
@@ -177,7 +180,22 @@ def variables(monkeypatch, tmp_path) -> DictVariable:
 class TestVariableGateStore:
     def test_the_variable_key_is_named_after_the_connection_and_safe(self):
         assert variable_key("my_api") == "network_requests.gate.my_api"
-        assert variable_key("my api/v2:é") == "network_requests.gate.my_api_v2__"
+        assert re.fullmatch(r"network_requests\.gate\.my_api_v2__~[0-9a-f]{12}", variable_key("my api/v2:é"))
+
+    @given(st.text(min_size=1, max_size=40), st.text(min_size=1, max_size=40))
+    def test_two_keys_never_share_a_variable(self, first, second):
+        """An explicit gate_key ("key:x") and the Connection "key_x" are two quotas, two gates."""
+        assume(first != second)
+        assert variable_key(first) != variable_key(second)
+        assert re.fullmatch(r"[A-Za-z0-9_.~-]+", variable_key(first).removeprefix("network_requests.gate."))
+
+    def test_a_gate_key_and_a_connection_named_like_it_get_their_own_variables(self):
+        from network_requests.configured_limits import resolve_gate_key
+
+        explicit = resolve_gate_key("any_conn", "github-token").name
+        assert variable_key(explicit) != variable_key("key_github-token")
+        assert wait_history.variable_key(explicit).removeprefix(wait_history.VARIABLE_PREFIX) == (
+            variable_key(explicit).removeprefix("network_requests.gate."))
 
     def test_a_missing_variable_reads_as_a_fresh_gate(self, variables):
         assert VariableGateStore(fixed_clock).read("api") == GateState()

@@ -160,11 +160,12 @@ def decide_rate_limit_wait(
     """How long to wait after a rate-limited (or in-progress) response, from what its headers said (``info``).
 
     The server's wait when it asked for one, else the backoff; ``fallback_reason`` lists the
-    headers that were present but not used. Never raises.
+    headers that were present but not used. Raises only ``TypeError`` for an ``info`` that is
+    not the reader's result (raw headers: read them with ``read_rate_limit_headers`` first).
     """
     if not isinstance(info, RateLimitInfo):
-        # compat: remove when operators.py moves to read_rate_limit_headers (it passes headers).
-        info = read_rate_limit_headers(429, info, now=now)
+        raise TypeError(f"decide_rate_limit_wait takes read_rate_limit_headers(status_code, headers, now=...)'s "
+                        f"RateLimitInfo, not {type(info).__name__}")
     reason = "; ".join(info.rejected) or None
     asked = info.wait_seconds()
     if asked is not None:

@@ -155,10 +155,9 @@ def test_the_decision_takes_the_readers_result_and_nothing_else():
     assert (wait.seconds, wait.source, wait.fallback_reason) == (12, WaitSource.X_RATELIMIT_RESET, "Date: 'x' ...")
 
 
-def test_raw_headers_are_still_accepted_until_the_operator_passes_the_readers_result():
-    # compat: remove with the compat branch of decide_rate_limit_wait.
-    wait = decide_rate_limit_wait({"Retry-After": "7"}, now=NOW, backoff=NO_JITTER, consecutive_waits=0, rand=lambda: 0.0)
-    assert (wait.seconds, wait.source) == (7, WaitSource.RETRY_AFTER)
+def test_raw_headers_are_refused_with_a_message_naming_the_reader():
+    with pytest.raises(TypeError, match="read_rate_limit_headers"):
+        decide_rate_limit_wait({"Retry-After": "7"}, now=NOW, backoff=NO_JITTER, consecutive_waits=0, rand=lambda: 0.0)
 
 
 # -- Precedence and header names -----------------------------------------------------------------

@@ -682,6 +682,13 @@ def _admit(
         # Nothing known about this API yet: one request goes first and brings back its
         # limits, instead of everyone starting at once into a 429 the others can't see.
         if state.probe_until > now:
+            if _holds_the_probe(state, ticket):
+                # The probe's own task asking again: a store that redid its change on a state
+                # that already had it (the Variable store's read-back), or a caller that could
+                # not act on its "send now" in time. It is still the one to go; holding it
+                # back for its own probe would hold everyone until the probe times out.
+                probe_until = max(state.probe_until, now + PROBE_TIMEOUT_SECONDS)
+                return _send_now(replace(state, probe_until=probe_until, updated_at=now), ticket, now)
             return _recheck(state, ticket, back_at(min(state.probe_until, now + RECHECK_SECONDS)), now)
         state = replace(state, probe_until=now + PROBE_TIMEOUT_SECONDS, updated_at=now)
         return _send_now(state, ticket, now)
@@ -781,6 +788,14 @@ def _outstanding(send_at: float, now: float) -> bool:
     """A time handed out is still a request to come (or out, unanswered): not one whose task
     is long gone."""
     return send_at > now - IN_FLIGHT_TTL_SECONDS
+
+
+def _holds_the_probe(state: GateState, ticket: str) -> bool:
+    """Was ``ticket`` let out as the first-contact probe that is still under way? The probe's
+    time runs ``PROBE_TIMEOUT_SECONDS`` from when its task was let out; a ticket let out for an
+    earlier probe, since timed out, is not it."""
+    let_out = state.in_flight.get(ticket)
+    return let_out is not None and let_out >= state.probe_until - PROBE_TIMEOUT_SECONDS - 1e-3
 
 
 def _send_now(state: GateState, ticket: str, now: float) -> Admission:

@@ -1072,6 +1072,31 @@ def test_a_probe_that_never_reports_stops_holding_the_others_after_its_timeout()
     assert admit(probing, "b", now=NOW + PROBE_TIMEOUT_SECONDS + 0.1).send_at == NOW + PROBE_TIMEOUT_SECONDS + 0.1
 
 
+def test_the_probe_asking_again_is_let_out_again_and_the_others_still_wait():
+    # Found by the Variable store across TMPDIRs (tests/distributed/test_gate_processes.py):
+    # a store that redid the probe's admission on a state already holding it held the probe
+    # back for itself, and every task stalled until the probe timed out, again and again.
+    from network_requests.gate import PROBE_TIMEOUT_SECONDS
+
+    probing = admit(GateState(), "a", now=NOW).state
+
+    again = admit(probing, "a", now=NOW + 0.5)
+    other = admit(again.state, "b", now=NOW + 0.6)
+
+    assert again.send_at == NOW + 0.5
+    assert again.state.probe_until == NOW + 0.5 + PROBE_TIMEOUT_SECONDS
+    assert other.send_at > NOW + 0.6, "b must still wait for the probe's answer"
+
+
+def test_a_timed_out_probe_asking_again_waits_for_the_probe_after_it():
+    from network_requests.gate import PROBE_TIMEOUT_SECONDS
+
+    late = NOW + PROBE_TIMEOUT_SECONDS + 0.1
+    second_probe = admit(admit(GateState(), "a", now=NOW).state, "b", now=late).state
+
+    assert admit(second_probe, "a", now=late + 0.1).send_at > late + 0.1
+
+
 def test_an_api_without_rate_limit_headers_is_not_serialised_after_the_first_answer():
     known = observe(admit(GateState(), "a", now=NOW).state, SILENT, now=NOW + 0.1)
 

@@ -17,7 +17,6 @@ import random
 import time
 from collections.abc import Callable, Collection, Sequence
 from datetime import datetime, timedelta, timezone
-from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import requests
@@ -28,23 +27,22 @@ from network_requests import coercion, sending
 from network_requests.airflow_conventions import deferrable_or_default
 from network_requests.attempts import (StandardBehaviour, announce_wait, budget_after_reschedules, failure_of,
                                        finish, judge_answer, report_no_answer, sleep_until)
-from network_requests.endpoints import UnsafeEndpointError, redact_url, validate_endpoint
+from network_requests.endpoints import redact_url
 from network_requests.engine import (MAX_IN_PROCESS_WAITS, Fail, Finish, InitialDelay, Mode, Place, Send, Wait,
                                      WaitBudget, WaitRules, next_step)
-from network_requests.exceptions import NetworkRequestError, PermanentRequestError, failure_from_payload
-from network_requests.gate_access import check_gate_settings, default_gate_store, task_gate
-from network_requests.gate_store import GateStore
-from network_requests.hooks import NetworkRequestHook
+from network_requests.exceptions import NetworkRequestError, failure_from_payload
+from network_requests.gate_access import check_gate_settings, task_gate
 from network_requests.idempotency import DEFAULT_HEADER, DEFAULT_METHODS, with_idempotency_key
 from network_requests.links import ApiEndpointLink
 from network_requests.output_assets import record_output_events
 from network_requests.page_reader import read_pages
 from network_requests.pagination import DEFAULT_MAX_PAGES
-from network_requests.rate_limit import Outcome, RateLimitWait
+from network_requests.rate_limit import Outcome
+from network_requests.request_seams import RequestSeams
 from network_requests.request_spec import RequestSpec, TaskRef, carries_idempotency_key, describe, wait_settings_of
 from network_requests.responses import refuse_outside_root, written_body
 from network_requests.wait_delays import MIN_RESCHEDULE_DELAY, default_in_process_threshold, min_defer_delay
-from network_requests.where_to_send import DEFAULT_PREFIX, deferral_trigger, why_send_from_worker
+from network_requests.where_to_send import deferral_trigger, why_send_from_worker
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -69,7 +67,7 @@ def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-class NetworkRequestOperator(BaseOperator):
+class NetworkRequestOperator(RequestSeams, BaseOperator):
     """
     Send one HTTP request through an Airflow Connection, respecting the server's rate limits.
 
@@ -214,16 +212,6 @@ class NetworkRequestOperator(BaseOperator):
     #: How an in-process wait sleeps.
     sleep: Callable[[float], None] = staticmethod(time.sleep)
 
-    @cached_property
-    def gate_store(self) -> GateStore:
-        """Where the shared gate lives (``[network_requests] gate_store``)."""
-        return self._remember_default("gate_store", default_gate_store())
-
-    @cached_property
-    def hook(self) -> NetworkRequestHook:
-        """Built on first use inside ``execute``: parsing a DAG never reads a Connection."""
-        return self._remember_default("hook", NetworkRequestHook(method=self.method, http_conn_id=self.http_conn_id))
-
     # -- Airflow entry points ------------------------------------------------------------
 
     def execute(self, context: Context) -> Any:
@@ -328,16 +316,6 @@ class NetworkRequestOperator(BaseOperator):
         return wait_settings_of(self).rules(place, in_process_threshold=self.in_process_wait_threshold,
                                            min_leave_delay=min_defer_delay() if self.deferrable else MIN_RESCHEDULE_DELAY)
 
-    def _target(self) -> tuple[str, str]:
-        """The checked endpoint and its URL, which must stay on the Connection's origin."""
-        endpoint = self.checked_endpoint(self.endpoint)
-        return endpoint, sending.url_on_origin(self.hook.url_from_endpoint(endpoint), self.hook.base_url,
-                                               endpoint=endpoint, method=self.method)
-
-    def _remember_default(self, name: str, value: Any) -> Any:
-        self.__dict__[DEFAULT_PREFIX + name] = value  # so it is not taken for a replacement
-        return value
-
     # -- extension points (each may be overridden; an override sends from a worker) -------
 
     def check_output_path(self) -> None:
@@ -345,13 +323,6 @@ class NetworkRequestOperator(BaseOperator):
         if self.output_path and self.output_root:
             refuse_outside_root(str(self.output_path), str(self.output_root), method=self.method,
                                 endpoint=str(self.endpoint))
-
-    def checked_endpoint(self, endpoint: str) -> str:
-        """The endpoint to request; refuse one that could leave the Connection's host."""
-        try:
-            return validate_endpoint(endpoint)
-        except UnsafeEndpointError as error:
-            raise PermanentRequestError(str(error), method=self.method, url=str(endpoint)[:200]) from None
 
     def request_headers(self) -> dict[str, str]:
         """The operator's headers, with the Idempotency-Key for a keyed method."""
@@ -369,28 +340,6 @@ class NetworkRequestOperator(BaseOperator):
                                                  extra_options=self.extra_options, timeout=self.request_timeout)
         kwargs["hooks"] = {"response": [self.refuse_redirect_to_another_origin]}
         return kwargs
-
-    def refuse_redirect_to_another_origin(self, response: requests.Response, *args: Any, **kwargs: Any) -> None:
-        """A ``requests`` response hook: never follow a redirect off the Connection's origin."""
-        sending.refuse_redirect_off_origin(response, method=self.method, base_url=self.hook.base_url)
-
-    def send_request(self, endpoint: str, url: str) -> tuple[requests.Response, float]:
-        """Send the request and read the body within the caps; return it and the seconds it took."""
-        return sending.send(lambda: self.hook.run(endpoint, **self.request_kwargs()),
-                            lambda response: self.read_body(response, url),
-                            method=self.method, url=url, deadline=self.request_deadline)
-
-    def read_body(self, response: requests.Response, url: str) -> None:
-        """Read the streamed body into ``response.content``, stopping at ``max_response_bytes``."""
-        sending.read_body(response, method=self.method, url=url, limit=self.max_response_bytes)
-
-    def classify_response(self, response: requests.Response) -> Outcome:
-        """What the response means; override for APIs that signal rate limits differently."""
-        return self._standard().classify_response(response)
-
-    def rate_limit_wait(self, response: requests.Response, *, now: datetime, consecutive_waits: int) -> RateLimitWait:
-        """How long to wait after a rate-limited response; override for provider-specific headers."""
-        return self._standard().rate_limit_wait(response, now=now, consecutive_waits=consecutive_waits)
 
     def result_of(self, response: requests.Response, url: str) -> Any:
         """The XCom value of a successful response (of one page, with a ``pagination_function``)."""

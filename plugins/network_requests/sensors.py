@@ -19,7 +19,6 @@ import random
 import time
 from collections.abc import Callable, Collection, Sequence
 from datetime import datetime, timedelta, timezone
-from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import requests
@@ -30,21 +29,19 @@ from airflow.sdk.exceptions import (AirflowFailException, AirflowRescheduleExcep
 from network_requests import coercion, sending
 from network_requests.airflow_conventions import default_deferrable, deferrable_or_default
 from network_requests.attempts import StandardBehaviour, failure_of, judge_answer, report_no_answer, sleep_until
-from network_requests.endpoints import UnsafeEndpointError, redact_url, validate_endpoint
+from network_requests.endpoints import redact_url
 from network_requests.engine import Fail, Mode, Send, Step, Wait, WaitRules
-from network_requests.exceptions import NetworkRequestError, PermanentRequestError, failure_from_payload
-from network_requests.gate_access import SharedGate, check_gate_settings, default_gate_store, task_gate
-from network_requests.gate_store import GateStore
-from network_requests.hooks import NetworkRequestHook
+from network_requests.exceptions import NetworkRequestError, failure_from_payload
+from network_requests.gate_access import SharedGate, check_gate_settings, task_gate
 from network_requests.idempotency import DEFAULT_HEADER
-from network_requests.rate_limit import Outcome, RateLimitWait
+from network_requests.request_seams import RequestSeams
 from network_requests.request_spec import RequestSpec, TaskRef, describe, secret_in, wait_settings_of
 from network_requests.sensor_engine import (Done, Held, PokeAgain, Reading, SensorPlace, SensorState, TimedOut,
                                             next_poke)
 from network_requests.sensor_pokes import (ResponseCheck, SensorSettings, describe_check, import_check,
                                            reading_of_answer, reading_of_no_answer, report_step, status_codes)
 from network_requests.wait_delays import MIN_RESCHEDULE_DELAY, min_defer_delay
-from network_requests.where_to_send import DEFAULT_PREFIX, replaced_methods
+from network_requests.where_to_send import package_methods, replaced_methods
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -71,7 +68,7 @@ def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-class NetworkRequestSensor(BaseSensorOperator):
+class NetworkRequestSensor(RequestSeams, BaseSensorOperator):
     """
     Poke an endpoint of an HTTP Connection until it is ready, waiting out rate limits without spending a try.
 
@@ -178,16 +175,6 @@ class NetworkRequestSensor(BaseSensorOperator):
     random_fraction: Callable[[], float] = staticmethod(random.random)
     #: How a wait in poke mode sleeps.
     sleep: Callable[[float], None] = staticmethod(time.sleep)
-
-    @cached_property
-    def gate_store(self) -> GateStore:
-        """Where the shared gate lives (``[network_requests] gate_store``)."""
-        return self._remember_default("gate_store", default_gate_store())
-
-    @cached_property
-    def hook(self) -> NetworkRequestHook:
-        """Built on first use inside ``execute``: parsing a DAG never reads a Connection."""
-        return self._remember_default("hook", NetworkRequestHook(method=self.method, http_conn_id=self.http_conn_id))
 
     # -- Airflow entry points ------------------------------------------------------------
 
@@ -334,16 +321,6 @@ class NetworkRequestSensor(BaseSensorOperator):
     def _check(self) -> ResponseCheck | None:
         return import_check(self.response_check) if isinstance(self.response_check, str) else self.response_check
 
-    def _target(self) -> tuple[str, str]:
-        """The checked endpoint and its URL, which must stay on the Connection's origin."""
-        endpoint = self.checked_endpoint(self.endpoint)
-        return endpoint, sending.url_on_origin(self.hook.url_from_endpoint(endpoint), self.hook.base_url,
-                                               endpoint=endpoint, method=self.method)
-
-    def _remember_default(self, name: str, value: Any) -> Any:
-        self.__dict__[DEFAULT_PREFIX + name] = value  # so it is not taken for a replacement
-        return value
-
     # -- poking from the triggerer ---------------------------------------------------------
 
     def request_spec(self, task: TaskRef) -> RequestSpec:
@@ -355,7 +332,7 @@ class NetworkRequestSensor(BaseSensorOperator):
         reason = describe_check(self.response_check)
         if reason:
             return reason
-        worker_only = set(vars(NetworkRequestSensor)) - _MIRRORED_IN_TRIGGERER
+        worker_only = set(package_methods(NetworkRequestSensor)) - _MIRRORED_IN_TRIGGERER
         replaced = replaced_methods(self, NetworkRequestSensor, worker_only=worker_only)
         if replaced:
             return f"the sensor replaces {', '.join(replaced)}"
@@ -367,39 +344,12 @@ class NetworkRequestSensor(BaseSensorOperator):
 
     # -- extension points (each may be overridden; an override pokes from a worker) --------
 
-    def checked_endpoint(self, endpoint: str) -> str:
-        """The endpoint to poke; refuse one that could leave the Connection's host."""
-        try:
-            return validate_endpoint(endpoint)
-        except UnsafeEndpointError as error:
-            raise PermanentRequestError(str(error), method=self.method, url=str(endpoint)[:200]) from None
-
     def request_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``HttpHook.run``."""
         kwargs = sending.request_kwargs_for_hook(data=self.data, headers=self.headers,
                                                  extra_options=self.extra_options, timeout=self.request_timeout)
-        kwargs["hooks"] = {"response": [self._refuse_redirect_to_another_origin]}
+        kwargs["hooks"] = {"response": [self.refuse_redirect_to_another_origin]}
         return kwargs
-
-    def _refuse_redirect_to_another_origin(self, response: requests.Response, *args: Any, **kwargs: Any) -> None:
-        sending.refuse_redirect_off_origin(response, method=self.method, base_url=self.hook.base_url)
-
-    def send_request(self, endpoint: str, url: str) -> tuple[requests.Response, float]:
-        """Send one poke's request and read the body within the caps; return it and the seconds it took."""
-        return sending.send(lambda: self.hook.run(endpoint, **self.request_kwargs()),
-                            lambda response: self.read_body(response, url),
-                            method=self.method, url=url, deadline=self.request_deadline)
-
-    def read_body(self, response: requests.Response, url: str) -> None:
-        sending.read_body(response, method=self.method, url=url, limit=self.max_response_bytes)
-
-    def classify_response(self, response: requests.Response) -> Outcome:
-        """What the response means (as the operator reads it); override for APIs that signal rate limits differently."""
-        return self._standard().classify_response(response)
-
-    def rate_limit_wait(self, response: requests.Response, *, now: datetime, consecutive_waits: int) -> RateLimitWait:
-        """How long to wait after a rate-limited response; override for provider-specific headers."""
-        return self._standard().rate_limit_wait(response, now=now, consecutive_waits=consecutive_waits)
 
     def result_of(self, response: requests.Response, url: str) -> Any:
         """Not used by the sensor (its XCom comes from ``response_check``); part of the operator's behaviour."""

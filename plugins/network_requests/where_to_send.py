@@ -29,14 +29,25 @@ _METHOD_KINDS = (FunctionType, staticmethod, classmethod, property, cached_prope
 DEFAULT_PREFIX = "_default_"
 
 
+def package_methods(base: type) -> dict[str, Any]:
+    """What ``base`` and the classes of this package it inherits from define (mixins such as
+    :class:`~network_requests.request_seams.RequestSeams` included), as ``base`` resolves each name."""
+    found: dict[str, Any] = {}
+    for klass in reversed(base.__mro__):
+        if klass.__module__.partition(".")[0] == __name__.partition(".")[0]:
+            found.update(vars(klass))
+    return found
+
+
 def replaced_methods(operator: Any, base: type, *, worker_only: Collection[str]) -> list[str]:
-    """The methods of ``base`` (but ``worker_only``) that ``operator`` replaces, in its class or on itself.
+    """The methods of ``base`` and its mixins (but ``worker_only``) that ``operator`` replaces,
+    in its class or on itself.
 
     A cached property's own value (kept under ``DEFAULT_PREFIX + name``) is not a replacement.
     """
     replaced = []
     own = vars(operator)
-    for name, original in vars(base).items():
+    for name, original in package_methods(base).items():
         if name in worker_only or not isinstance(original, _METHOD_KINDS):
             continue
         if inspect.getattr_static(type(operator), name) is not original:

@@ -245,7 +245,7 @@ def test_a_block_another_task_recorded_at_the_shared_gate_holds_the_first_poke(r
     from network_requests.rate_limit_headers import read_rate_limit_headers
 
     store = MemoryGateStore()
-    for module in ("network_requests.sensors", "network_requests.sensor_triggers"):
+    for module in ("network_requests.request_seams", "network_requests.sensor_triggers"):
         monkeypatch.setattr(f"{module}.default_gate_store", lambda: store)
     now = datetime.now(timezone.utc)
     blocked_until = now + timedelta(seconds=3)

@@ -121,7 +121,7 @@ def test_a_gate_write_failing_after_a_2xx_is_an_event_not_a_failed_try_and_the_p
     request, scripted_api, monkeypatch, where
 ):
     store = _ObserveFails(ok_observes=0 if where == "worker" else 1)
-    for module in ("network_requests.operators", "network_requests.triggers"):
+    for module in ("network_requests.request_seams", "network_requests.triggers"):
         monkeypatch.setattr(f"{module}.default_gate_store", lambda: store)
     if where == "triggerer":
         scripted_api.script(ScriptedResponse.too_many_requests(retry_after=1))

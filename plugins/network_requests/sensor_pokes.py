@@ -35,7 +35,7 @@ from network_requests.engine import Fail, Finish, Step, Wait
 from network_requests.exceptions import NetworkRequestError, TransientRequestError
 from network_requests.rate_limit import Outcome
 from network_requests.responses import error_for
-from network_requests.sensor_engine import (Done, Held, NotReady, PokeAgain, RateLimited, Reading, Ready,
+from network_requests.sensor_engine import (Done, NotReady, PokeAgain, RateLimited, Reading, Ready,
                                             SensorPlace, SensorRules, SensorStep)
 
 #: ``response_check(response) -> bool | PokeReturnValue``.

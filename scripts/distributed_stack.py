@@ -893,10 +893,16 @@ class DistributedStack:
         """The run's task instances (REST shape: task_id, map_index, state, hostname, try_number, ...),
         each with ``tries``: the ``/tries`` entries (one per try, with its hostname and state)."""
         base = f"/api/v2/dags/{self.quote(dag_id)}/dagRuns/{self.quote(run_id)}/taskInstances"
-        response = self.rest("GET", f"{base}?limit=1000")
-        if not response.ok:
-            raise StackError(f"GET {base}: {response}")
-        instances = response.json()["task_instances"]
+        instances: list[dict[str, Any]] = []
+        while True:
+            # The API answers at most [api] maximum_page_limit (100) per page: read every page.
+            response = self.rest("GET", f"{base}?limit=100&offset={len(instances)}&order_by=id")
+            if not response.ok:
+                raise StackError(f"GET {base}: {response}")
+            page = response.json()
+            instances.extend(page["task_instances"])
+            if not page["task_instances"] or len(instances) >= page["total_entries"]:
+                break
         if tries:
             for ti in instances:
                 suffix = f"/{ti['map_index']}" if ti["map_index"] >= 0 else ""

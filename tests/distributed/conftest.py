@@ -79,6 +79,48 @@ with DAG(
     )
 '''
 
+#: Issue 12 item 4: 600 mapped requests over the two workers, through the Redis gate, against
+#: their own demo API (its own Connection, so its own gate and its own server-side bucket).
+SCALE_DAG_ID = "distributed_scale"
+SCALE_REQUESTS = 600
+#: Ideal makespan 600 / 2 = 300 s. The launches are slower here (about 0.9 tasks/s on two
+#: cores), but with a burst of 2 the bucket runs dry whenever launches bunch up.
+SCALE_RATE_PER_S = 2.0
+SCALE_BURST = 2
+SCALE_DAG = f'''
+"""Test DAG of tests/distributed: {SCALE_REQUESTS} mapped requests under one quota, one output file each."""
+from __future__ import annotations
+
+import pendulum
+from airflow.sdk import DAG
+
+from network_requests import NetworkRequestOperator
+from network_requests.paths import RUN_FOLDER_TEMPLATE, data_dir
+
+with DAG(
+    dag_id="{SCALE_DAG_ID}",
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    tags=["test"],
+):
+    NetworkRequestOperator.partial(
+        task_id="fetch",
+        http_conn_id="scale_api",
+        method="GET",
+        retries=2,
+        output_root=data_dir(),
+    ).expand_kwargs(
+        [
+            {{
+                "endpoint": f"/api/items/{{item}}",
+                "output_path": f"{{data_dir()}}/{SCALE_DAG_ID}/{{RUN_FOLDER_TEMPLATE}}/item_{{item}}.json",
+            }}
+            for item in range(1, {SCALE_REQUESTS} + 1)
+        ]
+    )
+'''
+
 PROJECT_DAG_IDS = ("network_request_once", "network_request_periodic")
 
 
@@ -263,6 +305,15 @@ def demo_api() -> Iterator[RecordingDemoApi]:
 
 
 @pytest.fixture(scope="session")
+def scale_api() -> Iterator[RecordingDemoApi]:
+    api = RecordingDemoApi(rate=SCALE_RATE_PER_S, burst=SCALE_BURST).start()
+    try:
+        yield api
+    finally:
+        api.stop()
+
+
+@pytest.fixture(scope="session")
 def handoff_api() -> Iterator[ScriptedApi]:
     with ScriptedApi() as api:
         yield api
@@ -274,6 +325,7 @@ def stack_dags_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for source in sorted((REPO_ROOT / "dags").glob("*.py")):
         shutil.copy2(source, folder / source.name)
     (folder / f"{HANDOFF_DAG_ID}.py").write_text(textwrap.dedent(HANDOFF_DAG).lstrip())
+    (folder / f"{SCALE_DAG_ID}.py").write_text(textwrap.dedent(SCALE_DAG).lstrip())
     return folder
 
 
@@ -283,6 +335,7 @@ def stack(
     stack_dags_folder: Path,
     demo_api: RecordingDemoApi,
     handoff_api: ScriptedApi,
+    scale_api: RecordingDemoApi,
 ) -> Iterator[DistributedStack]:
     """The whole topology, started once for the session; every test DAG parsed before the first test."""
     begin = time.monotonic()
@@ -293,6 +346,7 @@ def stack(
         extra_env={
             "AIRFLOW_CONN_NETWORK_REQUEST_API": demo_api.base_url,
             "AIRFLOW_CONN_HANDOFF_API": handoff_api.base_url,
+            "AIRFLOW_CONN_SCALE_API": scale_api.base_url,
         },
         keep_home=os.environ.get("NETWORK_REQUESTS_DIST_KEEP") == "1",
     )
@@ -306,7 +360,7 @@ def stack(
     previous_handler = signal.signal(signal.SIGTERM, interrupt)
     try:
         with stack:
-            stack.wait_for_dags([*PROJECT_DAG_IDS, HANDOFF_DAG_ID], timeout=180)
+            stack.wait_for_dags([*PROJECT_DAG_IDS, HANDOFF_DAG_ID, SCALE_DAG_ID], timeout=180)
             stack.timings["ready"] = time.monotonic() - begin
             sys.stderr.write(f"\n[distributed] stack ready in {stack.timings['ready']:.0f}s: {stack.timings}\n")
             try:

@@ -814,6 +814,14 @@ def add_scheduler_log_counts(log_path: Path, runs: list[tuple[str, str, list[tup
         metrics["executor_state_mismatches"] = counts[run_id]
 
 
+def shown_path(path: Path) -> str:
+    """``path`` relative to the repository when it is inside (results carry no machine's paths)."""
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -1002,7 +1010,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
         "started_at": started_at.isoformat(timespec="seconds"),
         "wall_time_s": round(time.monotonic() - wall_started, 1),
-        "run_dir": str(run_dir),
+        "run_dir": shown_path(run_dir),
     }
     write_json(args.out, results)
     if shapes:

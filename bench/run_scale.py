@@ -57,7 +57,7 @@ if str(REPO) not in sys.path:
 
 from bench import run_bench  # noqa: E402
 from bench.probes.airflow_local_settings import LOG_ENV as VARIABLE_LOG_ENV  # noqa: E402
-from bench.run_bench import Bench, BenchError, Interrupted, Stack, log, write_json  # noqa: E402
+from bench.run_bench import Bench, BenchError, Interrupted, Stack, log, shown_path, write_json  # noqa: E402
 from scripts import process_tree  # noqa: E402
 
 PROBE_DIR = BENCH_DIR / "probes"
@@ -150,14 +150,6 @@ ROW_KEYS = (
     "details",
 )
 STATUSES = ("finished", "timed_out", "error", "skipped")
-
-
-def shown_path(path: Path) -> str:
-    """``path`` relative to the repository when it is inside (results carry no machine's paths)."""
-    try:
-        return str(path.resolve().relative_to(REPO))
-    except ValueError:
-        return str(path)
 
 
 def module_exists(dotted: str) -> bool:

@@ -39,6 +39,16 @@ RUN_TIMEOUT_S = 170
 # --------------------------------------------------------------------------
 
 
+def test_the_committed_results_name_their_run_folders_relative_to_the_repository() -> None:
+    # Results are committed: they carry no path of the machine that produced them.
+    from bench.run_bench import shown_path
+
+    assert shown_path(REPO / "bench" / "runs" / "x") == "bench/runs/x"
+    for name in ("results.json", "scale.json"):
+        run_dir = json.loads((REPO / "bench" / name).read_text())["run_dir"]
+        assert not Path(run_dir).is_absolute(), (name, run_dir)
+
+
 def test_the_runner_counts_the_variables_the_gate_store_really_uses() -> None:
     from network_requests.gate_store import VARIABLE_PREFIX, variable_key
 

@@ -2,6 +2,7 @@
 #   make run    Airflow (UI on http://127.0.0.1:8080) + the demo API, Ctrl-C stops all
 #   make test   the test suite, without the distributed and reliability tests
 #   make test-distributed  the CeleryExecutor topology (PostgreSQL + Redis) run natively, with its tests
+#   make test-distributed-scale  600 mapped requests on that topology (~13 min, not in CI)
 #   make test-reliability  fault injection, hostile input, secrets, kills (docs/reliability.md)
 #   make bench  the throughput benchmark (bench/README.md); not part of the tests
 #   make bench-scale  how the cost of N = 60, 600, 3,000 requests grows (bench/README.md), about an hour
@@ -32,7 +33,12 @@ test: venv
 
 # The CeleryExecutor topology run natively, with end-to-end tests in it (docs/distributed.md).
 test-distributed: venv
-	$(BIN)/pytest -m distributed tests/distributed -x
+	$(BIN)/pytest -m "distributed and not scale" tests/distributed -x
+
+# 600 mapped requests over the two Celery workers with the Redis gate (issue 12), about 13 minutes.
+.PHONY: test-distributed-scale
+test-distributed-scale: venv
+	$(BIN)/pytest -m "distributed and scale" tests/distributed -x -s
 
 # Faults injected into a real embedded stack: killed scheduler/task, API down or hanging,
 # huge or dripping bodies, hostile input, secrets (docs/reliability.md).

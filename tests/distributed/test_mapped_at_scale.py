@@ -25,7 +25,8 @@ import pytest
 from .conftest import SCALE_DAG_ID, SCALE_RATE_PER_S, SCALE_REQUESTS
 from .test_celery_topology import only_files, run_folder
 
-pytestmark = pytest.mark.distributed
+# Its own target (`make test-distributed-scale`): about 13 minutes here, which CI's budget cannot take.
+pytestmark = [pytest.mark.distributed, pytest.mark.scale]
 
 #: Ideal 300 s at the server's rate; the launches and the Celery round trips add to it.
 SCALE_RUN_TIMEOUT = 1200.0

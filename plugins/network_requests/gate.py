@@ -8,7 +8,11 @@ again:
 
 - **pacing**: when the server states its average rate (``RateLimit-Policy: 5;w=5`` is 5
   requests per 5 s), the slots after the quota is spent are spaced ``w / q`` seconds apart;
-  evenly spaced sends stay within a token bucket and within any fixed window;
+  evenly spaced sends stay within a token bucket and within any fixed window. The server
+  spaces them by when they *arrive*, the gate by when it lets them out: a task on a busy
+  host can take half a second between the two. So while the quota is counted spent, a paced
+  request waits at its time until the answer to any request out before it is stored (that
+  answer says when the next token comes), at most :data:`PROBE_TIMEOUT_SECONDS`;
 - **windows**: when the server only states a quota and when it resets (GitHub's
   ``X-RateLimit-Limit/Remaining/Reset``), up to ``limit`` tasks get the reset time itself,
   and each of the rest looks again when the window it fits in opens (as far as the window's
@@ -117,6 +121,9 @@ EARLY_LOOK_SECONDS = 60.0
 WHOLE_SECOND_TOLERANCE = 1e-3
 #: Two float times this close are one moment (epoch seconds have ~0.2 us of precision).
 SAME_MOMENT_SECONDS = 1e-6
+#: While paced requests wait for the answer to the one before them (the quota counted spent),
+#: they look again this often: an answer normally comes back well within one interval.
+ANSWER_RECHECK_SECONDS = 0.1
 
 
 @dataclass(frozen=True)
@@ -604,7 +611,8 @@ def admit(
     trigger do. A holder back at its time is then let through *without changing the state*:
     its ticket stands for the request until that report, so a store need not write, and the
     tasks sending as a window opens queue for the store only to read it. (Not with
-    configured limits, which count each request out from when it is let out.)
+    configured limits, which count each request out from when it is let out, nor while
+    pacing with the quota spent, where the next request waits for this one's answer.)
 
     ``cheap_looks``: asking again costs the task no launch even after a long wait (it waits
     in the triggerer: a deferrable task, or the trigger itself), so a task that fits only in
@@ -653,11 +661,16 @@ def _admit(
     if held is not None:
         if held <= now and state.blocked_until <= now:
             if state.remaining is not None or state.observed_at:
-                if not record_send:
+                if _waits_for_an_answer(state, ticket, now):
+                    # Its place stands (nothing written): it looks again shortly.
+                    return Admission(send_at=back_at(now + ANSWER_RECHECK_SECONDS),
+                                     reason=WAITING_FOR_AN_ANSWER, state=state)
+                if not record_send and not _paced_and_spent(state):
                     # Its place was counted when it was given it, and its ticket stands for the
                     # request until the answer is observed (observe and release_probe drop it):
                     # nothing to write, so tasks sending as a window opens queue for the store
-                    # only to read it.
+                    # only to read it. (Paced with the quota spent, the send is recorded: the
+                    # next paced request waits for its answer.)
                     return Admission(send_at=now, reason=None, state=state)
                 return _send_now(_release(state, ticket, now), ticket, now)
             state = _release(state, ticket, now)
@@ -709,6 +722,8 @@ def _admit(
 
     if state.interval:
         slot = back_at(max(start, state.next_slot))
+        if slot <= now and _waits_for_an_answer(state, ticket, now):
+            slot = back_at(now + ANSWER_RECHECK_SECONDS)
         state = replace(state, next_slot=slot + state.interval, updated_at=now)
         return _at(state, ticket, slot, now, "pacing to the API's rate (shared gate)")
 
@@ -788,6 +803,27 @@ def _outstanding(send_at: float, now: float) -> bool:
     """A time handed out is still a request to come (or out, unanswered): not one whose task
     is long gone."""
     return send_at > now - IN_FLIGHT_TTL_SECONDS
+
+
+WAITING_FOR_AN_ANSWER = "waiting for the answer to the request before it (shared gate)"
+
+
+def _paced_and_spent(state: GateState) -> bool:
+    """Pacing to a stated rate, with the quota counted spent: each request is let out on
+    its own slot, and needs the answer of the one before to know the next token's time."""
+    return bool(state.interval) and state.remaining == 0
+
+
+def _waits_for_an_answer(state: GateState, ticket: str, now: float) -> bool:
+    """Must a paced request due now wait for another one's answer? While the quota is counted
+    spent, yes, as long as a request let out recently is unanswered: it may reach the server
+    after its time (or this one before it), and its answer, once stored, says when the next
+    token comes. Not for one whose task went silent :data:`PROBE_TIMEOUT_SECONDS` ago.
+    (Holders sending in this state are recorded as out, see ``_admit``.)"""
+    if not _paced_and_spent(state):
+        return False
+    recent = now - PROBE_TIMEOUT_SECONDS
+    return any(other != ticket and let_out > recent for other, let_out in state.in_flight.items())
 
 
 def _holds_the_probe(state: GateState, ticket: str) -> bool:

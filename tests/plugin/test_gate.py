@@ -701,6 +701,9 @@ class SimResult:
     rate_limited: int = 0
     #: Requests sent before a time the server had announced (and the client had received).
     early: int = 0
+    #: Requests that reached the server before a time it had announced to anyone (what the
+    #: demo API counts as "sent before a wait told to another client").
+    early_at_server: int = 0
     makespan: float = 0.0
     admits: dict[str, int] = field(default_factory=dict)
     steps: int = 0
@@ -717,6 +720,7 @@ class SimResult:
     def summary(self) -> str:
         return (
             f"{self.successes}/{self.tasks} done, {self.rate_limited} x 429, {self.early} early, "
+            f"{self.early_at_server} early at the server, "
             f"makespan {self.makespan:.1f}s, admits/task max {self.max_admits} mean {self.mean_admits:.2f}, "
             f"{self.steps} steps"
         )
@@ -732,12 +736,15 @@ def simulate(
     latency: float = 0.0,
     min_wait: float = 0.0,
     reports_answers: bool = False,
+    send_delay: float = 0.0,
     max_steps: int = 20_000,
 ) -> SimResult:
     """Run ``tasks`` tasks against ``server`` through the pure gate, from ``NOW``.
 
     With ``latency == 0`` a task sends and observes in one step (as one operator does); with
     ``latency > 0`` the response is observed that much later, so other tasks interleave.
+    With ``send_delay > 0`` a request reaches the server up to that long after the gate let
+    it out (a task on a busy host), so requests may reach it in another order.
     A task told to wait comes back no sooner than ``min_wait`` (a deferral's minimum delay),
     which the gate is told.
     """
@@ -745,10 +752,11 @@ def simulate(
     state = GateState(origin=ORIGIN)
     result = SimResult(tasks=tasks)
     announced = 0.0  # the latest not-before the client side has been told
-    events: list[tuple[float, int, str, Response | None]] = []
+    told_by_server = 0.0  # the latest not-before the server has answered to anyone
+    events: list[tuple[float, int, str, Response | str | None]] = []
     sequence = 0
 
-    def push(at: float, task: str, response: Response | None = None) -> None:
+    def push(at: float, task: str, response: Response | str | None = None) -> None:
         nonlocal sequence
         heapq.heappush(events, (at, sequence, task, response))
         sequence += 1
@@ -766,11 +774,26 @@ def simulate(
             result.successes += 1
             result.makespan = max(result.makespan, at - NOW)
 
+    def reach_server(at: float, task: str) -> None:
+        nonlocal told_by_server
+        if at < told_by_server - EPS:
+            result.early_at_server += 1
+        sent = server.handle(at)
+        if sent.announced is not None:
+            told_by_server = max(told_by_server, sent.announced)
+        if latency:
+            push(at + latency, task, sent)
+        else:
+            deliver(at, task, sent)
+
     for index in range(tasks):
         push(NOW + rng.uniform(0, arrival_spread), f"dag|run|fetch|{index}")
     while events and result.steps < max_steps:
         result.steps += 1
         now, _, task, response = heapq.heappop(events)
+        if response == ARRIVES:
+            reach_server(now, task)
+            continue
         if response is not None:
             deliver(now, task, response)
             continue
@@ -783,13 +806,16 @@ def simulate(
             continue
         if now < announced - EPS:
             result.early += 1
-        sent = server.handle(now)
-        if latency:
-            push(now + latency, task, sent)
+        if send_delay:
+            push(now + rng.uniform(0, send_delay), task, ARRIVES)
         else:
-            deliver(now, task, sent)
+            reach_server(now, task)
     result.unfinished = tasks - result.successes
     return result
+
+
+#: A simulation event: the task's request reaches the server.
+ARRIVES = "arrives"
 
 
 SERVERS = {
@@ -875,6 +901,20 @@ class TestSimulatedApis:
         assert result.unfinished == 0 and result.early == 0, summary
         assert result.rate_limited <= 0.10 * result.successes, summary
         assert result.makespan <= 1.3 * (50 / rate + MAX_LATENESS), summary
+
+    @pytest.mark.parametrize("seed", [1, 2, 3])
+    def test_requests_slow_to_reach_the_server_never_arrive_before_a_time_it_told_anyone(self, seed):
+        # Two requests a second (RateLimit-Policy: 2;w=1), and a task takes up to 0.6 s from
+        # being let out to its request reaching the server (two busy cores). Paced by when
+        # they were let out, the next request could arrive before the answer that spent the
+        # quota was stored; it waits for that answer instead (issue 12, item 4).
+        result = simulate(TokenBucketServer(rate=2.0, burst=2), tasks=60, seed=seed, max_lateness=0.2,
+                          latency=0.02, send_delay=0.6, reports_answers=True)
+        summary = result.summary()
+        assert result.unfinished == 0, summary
+        assert result.early == 0 and result.early_at_server == 0, summary
+        assert result.max_admits <= 60, summary  # looks again every 0.1 s while an answer is out
+        assert result.makespan <= 2.0 * (60 / 2.0) + 2, summary
 
     def test_in_a_fixed_window_no_task_goes_round_the_gate_more_than_twice(self):
         # Each go round is a task launch in Airflow: a task that does not fit in the current

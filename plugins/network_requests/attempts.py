@@ -26,6 +26,7 @@ from network_requests.events import AttemptEvent, WaitEvent
 from network_requests.endpoints import redact_url
 from network_requests.exceptions import (NetworkRequestError, RateLimitExceededError, ResponseCheckFailed,
                                          TransientRequestError)
+from network_requests.gate import ANSWER_RECHECK_SECONDS, WAITING_FOR_AN_ANSWER
 from network_requests.gate_access import SharedGate
 from network_requests.rate_limit import Backoff, Outcome, RateLimitWait, classify, decide_rate_limit_wait
 from network_requests.rate_limit_headers import RateLimitInfo, read_rate_limit_headers
@@ -152,7 +153,14 @@ def report_no_answer(error: NetworkRequestError, *, conn_id: str, elapsed: float
 
 def announce_wait(step: Wait, *, what: str, conn_id: str, safe_url: str, task_label: str, now: datetime,
                   log: logging.Logger) -> None:
-    """Log a wait the task starts and emit its event (metrics, wait history)."""
+    """Log a wait the task starts and emit its event (metrics, wait history).
+
+    The gate's short looks while a paced request waits for the answer before it (every
+    ``ANSWER_RECHECK_SECONDS``) are logged at DEBUG only: the wait for its turn was announced,
+    and each event would write the wait history."""
+    if step.reason == WAITING_FOR_AN_ANSWER and step.seconds <= 2 * ANSWER_RECHECK_SECONDS:
+        log.debug("%s; waiting %.3fs for the answer to the request before it (shared gate)", what, step.seconds)
+        return
     late = "" if step.resume_at == step.not_before else f" for {step.resume_at.isoformat()} (minimum {step.mode.value} delay)"
     log.info("%s; waiting %.3fs (%s) until %s, %s%s, without spending a try%s", what, step.seconds,
              step.source.value, step.not_before.isoformat(), _MODE_WORDS[step.mode], late,

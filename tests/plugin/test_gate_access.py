@@ -201,3 +201,37 @@ def test_a_gate_with_limits_still_lets_a_request_go_at_once_on_first_contact():
 
 def test_task_ref_tickets_are_what_the_gate_queues():
     assert TaskRef("d", "r", "t", 2).ticket == "d|r|t|2"
+
+
+def test_a_paced_request_waits_for_the_answer_before_it_quietly_then_goes_once_it_is_stored(caplog):
+    # Quota spent and pacing at 2/s: "a" was let out and is unanswered when "b" is due. "b"
+    # looks again every 0.1 s (not announced as a wait: that would write the wait history
+    # ten times a second), and once a's answer is stored the gate holds it to that answer's reset.
+    from network_requests import events
+    from network_requests.attempts import announce_wait
+    from network_requests.gate import ANSWER_RECHECK_SECONDS, WAITING_FOR_AN_ANSWER, GateState
+
+    clock = NOW.timestamp()
+    store = MemoryGateStore(clock=lambda: clock)
+    paced = GateState(remaining=0, interval=0.5, observed_at=clock - 1, updated_at=clock - 1,
+                      origin="http://api", in_flight={"a": clock - 0.5}, tickets={"b": clock})
+    store.update("api", lambda _: (None, paced))
+    gate = SharedGate(store, "api", "http://api", cheap_looks=True, reports_answers=True)
+    emitted: list[object] = []
+    listener = events.subscribe(emitted.append)
+    try:
+        step = gate.admission_step("b", WaitBudget(), RULES, now=NOW, rand=lambda: 0.0)
+        assert isinstance(step, Wait) and step.reason == WAITING_FOR_AN_ANSWER
+        assert step.not_before == NOW + timedelta(seconds=ANSWER_RECHECK_SECONDS)
+        with caplog.at_level(logging.DEBUG):
+            announce_wait(step, what="GET http://api/x not sent", conn_id="api", safe_url="http://api/x",
+                          task_label="dag.t[1]", now=NOW, log=logging.getLogger("test"))
+        assert emitted == [], "a look while an answer is out is not a wait event"
+        assert [r.levelno for r in caplog.records if "answer to the request before it" in r.message] == [logging.DEBUG]
+
+        gate.tell(RateLimitInfo(limit=2, remaining=0, reset_after=1, interval=0.5), now=NOW,
+                  rate_limited_until=None, ticket="a")
+        later = gate.admission_step("b", WaitBudget(), RULES, now=NOW + timedelta(seconds=0.1), rand=lambda: 0.0)
+        assert isinstance(later, Wait) and later.not_before >= NOW + timedelta(seconds=1), "held to a's reset"
+    finally:
+        events.unsubscribe(listener)

@@ -28,8 +28,12 @@ $(VENV)/.installed: $(REQUIREMENTS) | $(BIN)/python
 run: venv
 	$(BIN)/python scripts/run_embedded.py
 
+# Two pytest-xdist workers (each with its own Airflow home), then the tests that start Airflow
+# processes of their own (marker stack), one at a time: two stacks on a 2-core machine would
+# slow each other past their timeouts.
 test: venv
-	$(BIN)/pytest -m "$(PYTEST_MARKERS)" tests/
+	$(BIN)/pytest -n 2 -m "$(PYTEST_MARKERS) and not stack" tests/
+	$(BIN)/pytest -m "$(PYTEST_MARKERS) and stack" tests/
 
 # The CeleryExecutor topology run natively, with end-to-end tests in it (docs/distributed.md).
 test-distributed: venv

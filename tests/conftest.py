@@ -21,8 +21,11 @@ TESTS_DIR = Path(__file__).resolve().parent
 
 # Test modules import this file again as `tests.conftest` (for the constants below); both
 # imports must agree on one home, or Airflow's engine and the migrated DB part ways.
-# A pytest-xdist worker or a second session in the same process gets the same answer.
-_HOME_MARKER = "NETWORK_REQUESTS_TEST_HOME"
+# A second session in the same process gets the same answer. Each pytest-xdist worker
+# (`make test` runs two) has a home of its own: one SQLite file written by two processes
+# would lock, and a DAG file of one worker's test would be parsed by the other's.
+_HOME_MARKER = "NETWORK_REQUESTS_TEST_HOME" + (f"_{os.environ['PYTEST_XDIST_WORKER']}"
+                                               if "PYTEST_XDIST_WORKER" in os.environ else "")
 if _HOME_MARKER not in os.environ:
     os.environ[_HOME_MARKER] = tempfile.mkdtemp(prefix="network-requests-test-home-")
 _TEST_HOME = Path(os.environ[_HOME_MARKER])

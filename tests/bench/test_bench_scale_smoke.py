@@ -164,6 +164,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, Path
     return json.loads(out.read_text()), out, run_dir
 
 
+@pytest.mark.stack
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sampler reads /proc")
 def test_a_tiny_scale_run_writes_one_row_of_every_key_per_strategy_and_size(tiny_run) -> None:
     results, _, run_dir = tiny_run
@@ -196,6 +197,7 @@ def test_a_tiny_scale_run_writes_one_row_of_every_key_per_strategy_and_size(tiny
     assert processes_with_env("AIRFLOW_HOME", str(run_dir.resolve() / "network_request_operator-6" / "airflow_home")) == []
 
 
+@pytest.mark.stack
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sampler reads /proc")
 def test_a_tiny_scale_run_draws_its_plot_next_to_the_results(tiny_run) -> None:
     results, out, _ = tiny_run

@@ -136,6 +136,7 @@ def test_config_is_validated() -> None:
 # --------------------------------------------------------------------------
 
 
+@pytest.mark.stack
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sampler reads /proc")
 def test_a_tiny_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "results.json"

@@ -17,7 +17,7 @@ import pytest
 from tests.support.embedded_stack import EmbeddedStack
 from tests.support.rest_client import quote
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.stack]
 
 PRODUCER, CONSUMER = "network_request_periodic", "network_request_consumer"
 ASSET = "network_request_periodic_responses"

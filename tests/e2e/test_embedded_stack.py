@@ -21,7 +21,7 @@ from scripts.process_tree import alive, tree
 from tests.support.embedded_stack import EmbeddedStack
 from tests.support.ports import accepts_connections
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.stack]
 
 DAG_ID = "network_request_once"
 

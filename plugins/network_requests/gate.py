@@ -124,6 +124,8 @@ SAME_MOMENT_SECONDS = 1e-6
 #: While paced requests wait for the answer to the one before them (the quota counted spent),
 #: they look again this often: an answer normally comes back well within one interval.
 ANSWER_RECHECK_SECONDS = 0.1
+#: The gate's reason for such a look (the log shows it at DEBUG only: attempts.announce_wait).
+WAITING_FOR_AN_ANSWER = "waiting for the answer to the request before it (shared gate)"
 
 
 @dataclass(frozen=True)
@@ -633,8 +635,9 @@ def admit(
     else:
         # A holder back at its time need not write the gate if its answer will be reported,
         # unless configured limits count the requests out (another task's may: their logs
-        # are in the state).
-        record_send = not reports_answers or bool(state.limit_logs)
+        # are in the state), or pacing with the quota spent, where the next request waits
+        # for this one's answer.
+        record_send = not reports_answers or bool(state.limit_logs) or _paced_and_spent(state)
         admission = _admit(state, ticket, now, back_at, look_ahead=look_ahead, record_send=record_send)
     latest = now + HORIZON_SECONDS
     if admission.send_at > latest or admission.state.next_slot > latest:
@@ -665,12 +668,11 @@ def _admit(
                     # Its place stands (nothing written): it looks again shortly.
                     return Admission(send_at=back_at(now + ANSWER_RECHECK_SECONDS),
                                      reason=WAITING_FOR_AN_ANSWER, state=state)
-                if not record_send and not _paced_and_spent(state):
+                if not record_send:
                     # Its place was counted when it was given it, and its ticket stands for the
                     # request until the answer is observed (observe and release_probe drop it):
                     # nothing to write, so tasks sending as a window opens queue for the store
-                    # only to read it. (Paced with the quota spent, the send is recorded: the
-                    # next paced request waits for its answer.)
+                    # only to read it.
                     return Admission(send_at=now, reason=None, state=state)
                 return _send_now(_release(state, ticket, now), ticket, now)
             state = _release(state, ticket, now)
@@ -803,9 +805,6 @@ def _outstanding(send_at: float, now: float) -> bool:
     """A time handed out is still a request to come (or out, unanswered): not one whose task
     is long gone."""
     return send_at > now - IN_FLIGHT_TTL_SECONDS
-
-
-WAITING_FOR_AN_ANSWER = "waiting for the answer to the request before it (shared gate)"
 
 
 def _paced_and_spent(state: GateState) -> bool:

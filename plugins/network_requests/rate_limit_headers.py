@@ -49,6 +49,8 @@ RATE_LIMIT_STATUS_CODES = frozenset({429, 503, 403})
 _OWS = " \t"
 # ASCII digits only: str.isdigit() and float() also accept superscripts and other scripts.
 _NUMBER = re.compile(r"([0-9]+)(?:\.([0-9]+))?", re.ASCII)
+# Delay-seconds with thousands separators ("1,000"), which a joined value can look like too.
+_THOUSANDS = re.compile(r"[0-9]{1,3}(?:,[0-9]{3})+", re.ASCII)
 # A count (remaining, limit, quota): digits, at most 15 of them (an RFC 8941 Integer).
 _COUNT = re.compile(r"[0-9]{1,15}", re.ASCII)
 # The shapes of an HTTP-date (RFC 9110 §5.6.7), checked before the stdlib's lenient parser
@@ -241,8 +243,14 @@ def _read(status_code: Any, lowered: dict[str, str], now: datetime) -> RateLimit
 
 
 def _retry_after(raw: str, context: _Context) -> float:
-    """``Retry-After`` in seconds; a joined value (``"120, 120"``) gives its longest wait."""
+    """``Retry-After`` in seconds; a joined value (``"120, 120"``) gives its longest wait.
+
+    ``"1,000"`` is either the joined values 1 and 0 or a thousand seconds written with a
+    thousands separator; it is read as the longer of the two, so that no reading sends early.
+    """
     seconds = []
+    if _THOUSANDS.fullmatch(raw.strip(_OWS)):
+        seconds.append(_delta("Retry-After", raw.strip(_OWS).replace(",", ""), raw))
     for part in _joined_parts(raw):
         if _NUMBER.fullmatch(part):
             seconds.append(_delta("Retry-After", part, raw))

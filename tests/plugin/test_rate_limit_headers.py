@@ -86,7 +86,11 @@ def http_date(moment: datetime) -> str:
         pytest.param("1.0", 1.0, id="decimal-zero-fraction"),
         pytest.param("0.25", 0.25, id="decimal-below-one"),
         pytest.param("120, 120", 120, id="joined-duplicate"),
-        pytest.param("120,120", 120, id="joined-without-space"),
+        pytest.param("120,60", 120, id="joined-without-space"),
+        # A thousands separator or a joined value: the longer reading, so that neither is early.
+        pytest.param("1,000", 1000, id="thousands-separator-not-one-second"),
+        pytest.param("120,120", 120120, id="thousands-separator-or-joined-takes-the-longer"),
+        pytest.param(" 86,400\t", 86_400, id="a-day-with-a-separator-and-whitespace"),
         pytest.param("60, 120", 120, id="joined-disagreeing-takes-the-largest"),
         pytest.param("120, 60", 120, id="joined-disagreeing-largest-first"),
         pytest.param(str(MAX_HORIZON_SECONDS), MAX_HORIZON_SECONDS, id="exactly-the-horizon"),
@@ -149,6 +153,7 @@ def test_a_retry_after_that_is_neither_delay_seconds_nor_a_date_is_rejected_with
         pytest.param("99999999999999999999", id="twenty-digits"),
         pytest.param("9" * 4000, id="four-thousand-digits"),
         pytest.param("60, 315360000", id="joined-with-ten-years"),
+        pytest.param("1,000,000", id="thousands-separators-beyond-the-horizon"),
     ],
 )
 def test_a_retry_after_beyond_seven_days_is_rejected_not_clamped(value):

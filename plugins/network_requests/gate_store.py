@@ -174,7 +174,37 @@ def _host_lock(conn_id: str) -> contextlib.AbstractContextManager[None]:
 
 
 def fresh_variable(key: str) -> str | None:
-    """The Variable's current value, past Airflow's optional secrets cache ([secrets] use_cache)."""
+    """The Variable's stored value (``None`` when there is none), as the API server has it now.
+
+    In a task process, a trigger or ``dag.test()`` it is one ``GetVariable`` message to the
+    supervisor, the message ``Variable.get`` sends, without ``Variable.get``'s extras: its
+    secrets cache ([secrets] use_cache, which could answer with an old gate), the secrets
+    backends (a gate Variable is only ever written to the metadata database), and the
+    ``MaskSecret`` message it sends after every read. A gate holds no secret, and in the
+    triggerer each message from a trigger costs a turn of the triggerer's main loop, which
+    queries the database for triggers to assign and clean up (measured: docs/batch.md).
+    Unlike ``Variable.get(default=None)``, an execution API that fails to answer raises
+    :class:`GateStoreError` instead of reading as "no gate yet".
+    """
+    try:
+        from airflow.sdk.exceptions import ErrorType
+        from airflow.sdk.execution_time import task_runner
+        from airflow.sdk.execution_time.comms import ErrorResponse, GetVariable, VariableResult
+    except ImportError:  # another Task SDK: its public API
+        return _variable_through_the_sdk(key)
+    comms = getattr(task_runner, "SUPERVISOR_COMMS", None)
+    if comms is None:  # not in a task, a trigger or dag.test() (the API server's UI plugin)
+        return _variable_through_the_sdk(key)
+    answer = comms.send(GetVariable(key=key))
+    if isinstance(answer, VariableResult):
+        return answer.value
+    if isinstance(answer, ErrorResponse) and answer.error == ErrorType.VARIABLE_NOT_FOUND:
+        return None
+    problem = answer.error.value if isinstance(answer, ErrorResponse) else type(answer).__name__
+    raise GateStoreError(f"Variable {key!r} could not be read through the execution API: {problem}")
+
+
+def _variable_through_the_sdk(key: str) -> str | None:
     from airflow.sdk import Variable
 
     try:

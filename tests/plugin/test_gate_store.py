@@ -22,6 +22,9 @@ from pathlib import Path
 
 import airflow.sdk
 import pytest
+from airflow.sdk.exceptions import ErrorType
+from airflow.sdk.execution_time import task_runner
+from airflow.sdk.execution_time.comms import ErrorResponse, GetVariable, VariableResult
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -29,6 +32,7 @@ from network_requests import gate_store, wait_history
 from network_requests.gate import DAMAGED_STATE_BLOCK_SECONDS, STATE_TTL_SECONDS, GateState, admit, observe, release_probe
 from network_requests.gate_store import (
     GateContentionError,
+    GateStoreError,
     GateStoreUnavailableError,
     MemoryGateStore,
     RedisGateStore,
@@ -148,6 +152,24 @@ class TestMemoryGateStore:
 # -- VariableGateStore with a dict for airflow.sdk.Variable ----------------------------------
 
 
+class ExecutionApiComms:
+    """A task's ``SUPERVISOR_COMMS`` answering ``GetVariable`` from a :class:`DictVariable`'s
+    values (or with ``failing``); records every message sent."""
+
+    def __init__(self, variables: DictVariable, failing: ErrorType | None = None) -> None:
+        self.variables, self.failing = variables, failing
+        self.messages: list = []
+
+    def send(self, message):
+        self.messages.append(message)
+        if self.failing is not None:
+            return ErrorResponse(error=self.failing, detail={"message": "down"})
+        assert isinstance(message, GetVariable), message
+        if message.key not in self.variables.values:
+            return ErrorResponse(error=ErrorType.VARIABLE_NOT_FOUND, detail={"message": "not found"})
+        return VariableResult(key=message.key, value=self.variables.values[message.key])
+
+
 class DictVariable:
     """``airflow.sdk.Variable`` as a dict; ``after_set`` lets a test play another writer."""
 
@@ -260,6 +282,35 @@ class TestVariableGateStore:
 
         monkeypatch.setattr(SecretCache, "invalidate_variable", classmethod(broken))
         assert VariableGateStore(fixed_clock).update("api", admit_change("a")).send_at == NOW
+
+    def test_in_a_task_a_read_is_one_get_variable_message_and_no_mask_secret(self, variables, monkeypatch):
+        """Each message from a trigger costs a turn of the triggerer's main loop (database
+        queries): Variable.get's MaskSecret after every read is not sent for a gate."""
+        comms = ExecutionApiComms(variables)
+        monkeypatch.setattr(task_runner, "SUPERVISOR_COMMS", comms, raising=False)
+        variables.values[variable_key("api")] = paced_blocked_state().to_json()
+
+        admission = VariableGateStore(fixed_clock).update("api", admit_change("a"))
+
+        assert admission.send_at == NOW + 10
+        # One read before the change, one to verify the write; the write is Variable.set's.
+        assert [type(message).__name__ for message in comms.messages] == ["GetVariable", "GetVariable"]
+        assert variables.gets == 0 and len(variables.sets) == 1
+        assert json.loads(variables.values[variable_key("api")])["tickets"] == {"a": NOW + 10}
+
+    def test_in_a_task_a_missing_variable_is_a_fresh_gate(self, variables, monkeypatch):
+        monkeypatch.setattr(task_runner, "SUPERVISOR_COMMS", ExecutionApiComms(variables), raising=False)
+        assert VariableGateStore(fixed_clock).read("api") == GateState()
+
+    def test_an_execution_api_that_fails_to_answer_is_a_store_error_not_an_empty_gate(self, variables, monkeypatch):
+        """Variable.get(default=None) would read it as "no gate yet" and let a request out."""
+        comms = ExecutionApiComms(variables, failing=ErrorType.API_SERVER_ERROR)
+        monkeypatch.setattr(task_runner, "SUPERVISOR_COMMS", comms, raising=False)
+        variables.values[variable_key("api")] = paced_blocked_state().to_json()
+
+        with pytest.raises(GateStoreError, match=r"could not be read through the execution API: API_SERVER_ERROR"):
+            VariableGateStore(fixed_clock).update("api", admit_change("a"))
+        assert variables.sets == [], "nothing was written"
 
     def test_a_concurrent_writer_between_set_and_get_back_gets_the_change_redone_on_its_state(
         self, variables, caplog

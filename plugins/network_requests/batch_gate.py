@@ -10,6 +10,13 @@ requires). Every caller gets its own result (or its own exception), exactly as i
 had been applied alone just after the ones before it. The busier the gate, the more changes
 share an update, so the store keeps up with the batch instead of setting its pace.
 
+A change may also *follow* (:meth:`CoalescingGateStore.following`): it waits, for a bounded
+time, to be applied by the next update someone else makes, after that update's own changes.
+A request of the batch waiting for the answer to one of the batch's requests out asks that
+way, so its admission is applied in the same update as that answer, not one update later:
+while pacing with the quota spent (the gate's wait-for-the-answer rule) that halves the
+store updates between two requests.
+
 All store calls are made holding ``sdk_lock``, which the batch also holds around its other
 Task SDK calls: the SDK takes one call at a time anyway, and ``dag.test()``'s in-process
 comms are not thread-safe at all.
@@ -17,8 +24,9 @@ comms are not thread-safe at all.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from network_requests.gate import GateState
@@ -30,8 +38,8 @@ T = TypeVar("T")
 class _Pending:
     """One caller's change, waiting for an update to apply it."""
 
-    def __init__(self, key: str, change: Callable[[GateState], tuple[Any, GateState]]) -> None:
-        self.key, self.change = key, change
+    def __init__(self, key: str, change: Callable[[GateState], tuple[Any, GateState]], follows: bool) -> None:
+        self.key, self.change, self.follows = key, change, follows
         self.done = False
         self.result: Any = None
         self.error: BaseException | None = None
@@ -45,7 +53,9 @@ class CoalescingGateStore:
         self._sdk_lock = sdk_lock
         self._queue: list[_Pending] = []
         self._queue_lock = threading.Lock()
+        self._applied = threading.Condition(self._queue_lock)
         self._leader = threading.Lock()
+        self._following = threading.local()
         #: Updates of ``inner`` made, and changes they applied (for the log and the tests).
         self.updates = 0
         self.changes = 0
@@ -54,16 +64,31 @@ class CoalescingGateStore:
         with self._sdk_lock:
             return self.inner.read(key)
 
+    @contextlib.contextmanager
+    def following(self, seconds: float) -> Iterator[None]:
+        """This thread's updates inside the block wait up to ``seconds`` to be applied by
+        someone else's next update, after its own changes; then they make their own."""
+        self._following.seconds = seconds
+        try:
+            yield
+        finally:
+            self._following.seconds = None
+
     def update(self, key: str, change: Callable[[GateState], tuple[T, GateState]]) -> T:
-        pending = _Pending(key, change)
+        follow_for = getattr(self._following, "seconds", None)
+        pending = _Pending(key, change, follows=follow_for is not None)
         with self._queue_lock:
             self._queue.append(pending)
+            if follow_for is not None:
+                self._applied.wait_for(lambda: pending.done, timeout=follow_for)
         with self._leader:  # whoever holds it applies everything queued for its key
             if not pending.done:
                 with self._queue_lock:
-                    group = [queued for queued in self._queue if queued.key == key]
+                    mine = [queued for queued in self._queue if queued.key == key]
                     self._queue = [queued for queued in self._queue if queued.key != key]
-                self._apply(key, group)
+                # Followers last: they wait for what the others tell the gate.
+                self._apply(key, [queued for queued in mine if not queued.follows]
+                            + [queued for queued in mine if queued.follows])
         if pending.error is not None:
             raise pending.error
         return pending.result
@@ -87,6 +112,8 @@ class CoalescingGateStore:
             outcomes = [(False, error)] * len(group)
         self.updates += 1
         self.changes += len(group)
-        for pending, (applied, value) in zip(group, outcomes):
-            pending.result, pending.error = (value, None) if applied else (None, value)
-            pending.done = True
+        with self._applied:
+            for pending, (applied, value) in zip(group, outcomes):
+                pending.result, pending.error = (value, None) if applied else (None, value)
+                pending.done = True
+            self._applied.notify_all()

@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: A clock in UTC (``batch_runner``'s ``_utcnow``, say).
+WallClock = Callable[[], datetime]
+
 
 def default_gate_store() -> GateStore:
     """The store ``[network_requests] gate_store`` selects (the Variable store by default)."""
@@ -162,27 +165,38 @@ class SharedGate:
         self, ticket: str, *, now: datetime, in_process_up_to: float, min_wait: float
     ) -> GateAnswer | GateUnreadable:
         """May ``ticket`` send now? The gate's answer, or why it could not be asked."""
-        at = now.timestamp()
+        return self._ask(ticket, now=now, in_process_up_to=in_process_up_to, min_wait=min_wait)[0]
+
+    def _ask(
+        self, ticket: str, *, now: datetime | WallClock, in_process_up_to: float, min_wait: float
+    ) -> tuple[GateAnswer | GateUnreadable, datetime]:
+        """:meth:`ask`, and the time it was decided at: ``now``, or when given a clock, the
+        clock read as the store applies the change (a group commit may apply it later)."""
+        decided = [now if isinstance(now, datetime) else now()]
 
         def change(state: GateState) -> tuple[Admission, GateState]:
-            admission = admit(self._ours(state), ticket, now=at, in_process_up_to=in_process_up_to, min_wait=min_wait,
-                              limits=self.limits, reports_answers=self.reports_answers, cheap_looks=self.cheap_looks)
+            if not isinstance(now, datetime):
+                decided[0] = now()
+            admission = admit(self._ours(state), ticket, now=decided[0].timestamp(), in_process_up_to=in_process_up_to,
+                              min_wait=min_wait, limits=self.limits, reports_answers=self.reports_answers,
+                              cheap_looks=self.cheap_looks)
             return admission, admission.state
 
         try:
             admission = self.store.update(self.gate_key.name, change)
         except Exception as error:
-            return GateUnreadable(self._failed("admit", error, now))
-        if admission.wait_seconds(at) <= 0:
-            return GateAnswer()
-        return GateAnswer(datetime.fromtimestamp(admission.send_at, timezone.utc), admission.reason)
+            return GateUnreadable(self._failed("admit", error, decided[0])), decided[0]
+        if admission.wait_seconds(decided[0].timestamp()) <= 0:
+            return GateAnswer(), decided[0]
+        return GateAnswer(datetime.fromtimestamp(admission.send_at, timezone.utc), admission.reason), decided[0]
 
-    def admission_step(self, ticket: str, budget: WaitBudget, rules: WaitRules, *, now: datetime,
+    def admission_step(self, ticket: str, budget: WaitBudget, rules: WaitRules, *, now: datetime | WallClock,
                        rand: Callable[[], float]) -> Step:
-        """The engine's step on the gate's answer (told when the task can really be back): send or wait."""
+        """The engine's step on the gate's answer (told when the task can really be back): send
+        or wait. ``now`` may be a clock, read when the store applies the change."""
         up_to, min_wait = rules.gate_hints(budget)
-        return next_step(self.ask(ticket, now=now, in_process_up_to=up_to, min_wait=min_wait), budget, rules,
-                         now=now, rand=rand)
+        answer, decided_at = self._ask(ticket, now=now, in_process_up_to=up_to, min_wait=min_wait)
+        return next_step(answer, budget, rules, now=decided_at, rand=rand)
 
     def tell(self, info: RateLimitInfo, *, now: datetime, rate_limited_until: datetime | None, ticket: str) -> bool:
         """Record what a response said; ``False`` (logged, event emitted) when the store failed."""

@@ -104,3 +104,58 @@ def test_every_store_call_holds_the_sdk_lock():
     store.read("conn")
 
     assert seen and all(seen)
+
+
+def _follow(store: CoalescingGateStore, seconds: float, change, out: list) -> threading.Thread:
+    def run() -> None:
+        with store.following(seconds):
+            out.append(store.update("conn", change))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def _queued(store: CoalescingGateStore, count: int) -> None:
+    deadline = time.monotonic() + 5
+    while len(store._queue) < count and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert len(store._queue) == count, "the follower is waiting in the queue"
+
+
+def test_a_following_change_is_applied_by_the_next_update_after_that_update_s_own_change():
+    """A batch's item waiting for the answer before it asks this way: its admission goes in
+    the same store update as that answer, and sees it."""
+    inner = SlowStore(seconds=0.0)
+    store = CoalescingGateStore(inner, threading.Lock())
+    order: list[str] = []
+
+    def recorded(name: str):
+        def change(state: GateState):
+            order.append(name)
+            return take_a_number(state)
+        return change
+
+    followed: list[int] = []
+    follower = _follow(store, 5.0, recorded("follower"), followed)
+    _queued(store, 1)
+    answer = store.update("conn", recorded("answer"))
+    follower.join(timeout=5)
+
+    assert order == ["answer", "follower"], "queued first, applied after the update's own change"
+    assert (answer, followed) == (0, [1]), "each caller got its own result"
+    assert inner.updates == 1 and store.changes == 2
+
+
+def test_a_follower_that_no_update_comes_for_makes_its_own_after_its_wait():
+    inner = SlowStore(seconds=0.0)
+    store = CoalescingGateStore(inner, threading.Lock())
+    followed: list[int] = []
+
+    started = time.monotonic()
+    _follow(store, 0.3, take_a_number, followed).join(timeout=5)
+
+    assert followed == [0] and inner.updates == 1
+    assert time.monotonic() - started >= 0.3, "it waited for another update first"
+    with store.following(0.0):
+        assert store.update("conn", take_a_number) == 1, "a zero wait leads at once"

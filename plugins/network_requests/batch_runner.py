@@ -30,6 +30,7 @@ wait a server asked for are announced as the operator announces them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import heapq
 import itertools
@@ -39,11 +40,11 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 import requests
 
@@ -56,6 +57,7 @@ from network_requests.batch_plan import (FAILED, OK, PERMANENT, TRANSIENT, Batch
 from network_requests.endpoints import redact_url
 from network_requests.engine import Fail, Finish, Place, Send, Step, Wait, WaitBudget
 from network_requests.exceptions import NetworkRequestError, TransientRequestError
+from network_requests.gate import WAITING_FOR_AN_ANSWER
 from network_requests.gate_access import SharedGate, default_gate_store, spec_gate
 from network_requests.gate_store import GateStore
 from network_requests.hooks import NetworkRequestHook
@@ -65,7 +67,7 @@ from network_requests.rate_limit import Backoff, Outcome, WaitSource
 from network_requests.request_spec import RequestSpec
 from network_requests.responses import error_for, is_json
 from network_requests.safe_paths import UnsafeOutputPathError, checked_output_path
-from network_requests.sending_async import CannotSendHere, prepare, send
+from network_requests.sending_async import CannotSendHere, OpenedConnection, open_connection, options_key, prepare, send
 
 #: Gate waits shorter than this are the batch's own pacing: logged at DEBUG, no wait event.
 QUIET_WAIT_SECONDS = 1.0
@@ -78,6 +80,19 @@ BUSY_WAIT = timedelta(minutes=10)
 PROGRESS_EVERY_SECONDS = 30.0
 #: An error message kept in the checkpoint is cut to this.
 MAX_ERROR_CHARS = 500
+#: An item that waits for the answer to a request before it (the gate's pacing with the quota
+#: spent), while requests of this batch are out, asks again in the same store update as one of
+#: their answers (``CoalescingGateStore.following``) rather than every
+#: ``gate.ANSWER_RECHECK_SECONDS``: each ask would be an update of its own. It waits at most
+#: this long for one, in case the request it waits for is another process's.
+OWN_ANSWER_WAIT_SECONDS = 1.0
+#: The batch reads its Connection again after this long, so that a rotated credential is
+#: used within it; in between, every request is built from the one read (each read is a
+#: Task SDK message, which costs the triggerer a turn of its main loop).
+CONNECTION_REREAD_SECONDS = 60.0
+
+
+T = TypeVar("T")
 
 
 def _utcnow() -> datetime:
@@ -210,6 +225,12 @@ class BatchRun:
         self._threads: ThreadPoolExecutor | None = None
         self._sdk_lock = threading.Lock()
         self._coalescing: CoalescingGateStore | None = None
+        #: The Connection read for the requests (see CONNECTION_REREAD_SECONDS) and when.
+        self._opened: tuple[float, OpenedConnection] | None = None
+        #: Requests of this batch sent whose answer the gate has not been told yet.
+        self._answers_out = 0
+        #: The gate's last word to an item asking on its own: wait for the answer before it.
+        self._gate_awaits_answers = False
 
     async def run(self) -> BatchReport:
         """Send every item left; ``BatchStopped`` when the batch cannot go on."""
@@ -316,9 +337,20 @@ class BatchRun:
         for _ in range(MAX_ROUNDS_PER_ITEM):
             step: Step = Send(budget)
             gate = self._gate
-            if gate is not None:
+            # While the gate makes each request wait for the answer to the one before, an item
+            # asks with the next answer of this batch the gate is told (OWN_ANSWER_WAIT_SECONDS).
+            follow = self._gate_awaits_answers and self._answers_out > 0 and self._coalescing is not None
+            if gate is not None and follow:
+                # The time of the ask is read when the store applies it, with that answer.
+                step = await self._in_gate_thread(self._following, gate.admission_step, ticket, budget, self._rules,
+                                                  now=self.clock, rand=self.rand)
+            elif gate is not None:
                 step = await self._in_gate_thread(gate.admission_step, ticket, budget, self._rules, now=self.clock(),
-                                               rand=self.rand)
+                                                  rand=self.rand)
+            if isinstance(step, Wait) and step.reason == WAITING_FOR_AN_ANSWER:
+                self._gate_awaits_answers = True
+            elif isinstance(step, Send) and gate is not None and not follow:
+                self._gate_awaits_answers = False
             if isinstance(step, Send):
                 job.sending = True
                 try:
@@ -332,7 +364,8 @@ class BatchRun:
                 raise BatchStopped(failure_of(step, method=item.method, safe_url=redact_url(item.endpoint)))
             await self._announce(step, item)
             budget = step.budget
-            await _sleep_until(step.resume_at)
+            if not (step.reason == WAITING_FOR_AN_ANSWER and self._answers_out > 0):
+                await _sleep_until(step.resume_at)
         raise BatchStopped(TransientRequestError(f"{item.label} waited {MAX_ROUNDS_PER_ITEM} times without an "
                                                  "answer it could keep", method=item.method, url=item.label))
 
@@ -342,19 +375,24 @@ class BatchRun:
         item = job.item
         started = time.monotonic()
         self.report.sent += 1
-        try:
-            response, elapsed, url = await self._send(spec)
-        except NetworkRequestError as error:
-            await self._in_gate_thread(report_no_answer, error, conn_id=spec.conn_id, now=self.clock(), gate=gate,
-                                    elapsed=time.monotonic() - started, ticket=ticket, log=self.log)
-            return await self._failed_try(job, error)
-        behaviour = self._behaviour(item.method, spec.carries_idempotency_key)
-        safe_url = redact_url(url)
-        step, what = await self._in_gate_thread(
-            judge_answer, behaviour, response, elapsed=elapsed, conn_id=spec.conn_id, method=item.method,
-            safe_url=safe_url, budget=budget, rules=self._rules, now=self.clock(), rand=self.rand, gate=gate,
-            ticket=ticket, log=self.log,
-        )
+        with self._an_answer_out():
+            try:
+                response, elapsed, url = await self._send(spec)
+            except NetworkRequestError as error:
+                await self._in_gate_thread(report_no_answer, error, conn_id=spec.conn_id, now=self.clock(),
+                                           gate=gate, elapsed=time.monotonic() - started, ticket=ticket, log=self.log)
+                no_answer: NetworkRequestError | None = error
+            else:
+                no_answer = None
+                behaviour = self._behaviour(item.method, spec.carries_idempotency_key)
+                safe_url = redact_url(url)
+                step, what = await self._in_gate_thread(
+                    judge_answer, behaviour, response, elapsed=elapsed, conn_id=spec.conn_id, method=item.method,
+                    safe_url=safe_url, budget=budget, rules=self._rules, now=self.clock(), rand=self.rand,
+                    gate=gate, ticket=ticket, log=self.log,
+                )
+        if no_answer is not None:
+            return await self._failed_try(job, no_answer)
         if not isinstance(step, Finish):
             return step
         if step.outcome is Outcome.SUCCESS:
@@ -445,7 +483,7 @@ class BatchRun:
         deadline = None if spec.request_deadline is None else timedelta(seconds=spec.request_deadline)
         if self._use_requests is None:
             try:
-                request = await self._in_sdk_thread(prepare, spec)  # reads the Connection: its secrets stay here
+                request = await self._in_sdk_thread(self._prepare, spec)  # its secrets stay here
             except CannotSendHere as reason:
                 self._use_requests = str(reason)
                 self.log.info("Sending the batch with requests, in threads: %s", reason)
@@ -455,12 +493,35 @@ class BatchRun:
                 return response, elapsed, request.url
         return await self._in_sdk_thread(_send_with_requests, spec, deadline)
 
+    def _prepare(self, spec: RequestSpec) -> Any:
+        """The request, built from the Connection as read at most CONNECTION_REREAD_SECONDS ago (blocking)."""
+        if (self._opened is None or time.monotonic() - self._opened[0] > CONNECTION_REREAD_SECONDS
+                or self._opened[1].options_key != options_key(spec)):
+            self._opened = (time.monotonic(), open_connection(spec))
+        return prepare(spec, self._opened[1])
+
     def _behaviour(self, method: str, keyed: bool) -> StandardBehaviour:
         """The operator's own judgement of an answer; ``keyed``: the request carries an Idempotency-Key."""
         if (method, keyed) not in self._behaviours:
             self._behaviours[(method, keyed)] = StandardBehaviour(method=method, backoff=self._rules.backoff,
                                                                   rand=self.rand, sent_idempotency_key=keyed)
         return self._behaviours[(method, keyed)]
+
+    @contextlib.contextmanager
+    def _an_answer_out(self) -> Iterator[None]:
+        """A request of this batch is out until the gate is told its answer (or never will be:
+        cancelled, a store error)."""
+        self._answers_out += 1
+        try:
+            yield
+        finally:
+            self._answers_out -= 1
+
+    def _following(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``function``'s store updates wait to be applied with the next answer told (blocking)."""
+        assert self._coalescing is not None
+        with self._coalescing.following(OWN_ANSWER_WAIT_SECONDS):
+            return function(*args, **kwargs)
 
     async def _announce(self, step: Wait, item: BatchItem) -> None:
         """Log the wait and emit its event, in a thread: the wait history writes a Variable."""

@@ -77,13 +77,48 @@ class PreparedSend:
         return f"<PreparedSend {self.method} {redact_url(self.endpoint_url)}>"
 
 
-def prepare(spec: RequestSpec) -> PreparedSend:
-    """Read the Connection and build the request as a worker would (blocking)."""
-    endpoint = validate_endpoint(spec.endpoint)  # again: the description came from the database
+@dataclass(frozen=True)
+class OpenedConnection:
+    """A Connection read once and the ``requests`` session it configures, for requests that
+    share the Connection and the request options (a batch's). Holds its credentials: kept in
+    memory only, never logged or serialised."""
+
+    hook: NetworkRequestHook
+    session: requests.Session
+    #: What the session was configured with: requests with other options need another.
+    options_key: str
+
+    def __repr__(self) -> str:
+        return f"<OpenedConnection {self.hook.http_conn_id}>"
+
+
+def _hook_options(spec: RequestSpec) -> dict[str, Any]:
+    return request_kwargs_for_hook(data=spec.data, headers=spec.headers, extra_options=spec.extra_options,
+                                   timeout=spec.timeout)["extra_options"]
+
+
+def options_key(spec: RequestSpec) -> str:
+    """What an :class:`OpenedConnection` for ``spec`` depends on besides the Connection."""
+    return repr((spec.conn_id, sorted(_hook_options(spec).items(), key=str)))
+
+
+def open_connection(spec: RequestSpec) -> OpenedConnection:
+    """Read the Connection and configure a session from it (blocking: a Task SDK call).
+    The request's own headers are left to :func:`prepare`, which puts them over the
+    session's as ``get_conn(headers)`` would."""
     hook = NetworkRequestHook(method=spec.method, http_conn_id=spec.conn_id)
-    options = request_kwargs_for_hook(data=spec.data, headers=spec.headers, extra_options=spec.extra_options,
-                                      timeout=spec.timeout)["extra_options"]
-    session = hook.get_conn(spec.headers, options)  # the one read of the Connection
+    session = hook.get_conn(None, _hook_options(spec))  # the one read of the Connection
+    return OpenedConnection(hook, session, options_key(spec))
+
+
+def prepare(spec: RequestSpec, opened: OpenedConnection | None = None) -> PreparedSend:
+    """Build the request as a worker would (blocking): from ``opened`` when given (it must
+    have been opened for requests with ``spec``'s options), else reading the Connection."""
+    endpoint = validate_endpoint(spec.endpoint)  # again: the description came from the database
+    if opened is None:
+        opened = open_connection(spec)
+    assert opened.options_key == options_key(spec), "opened for requests with other options"
+    hook, session = opened.hook, opened.session
     # Set from the Connection's extra by get_conn, which resolves nothing yet (HttpHook.run does).
     if getattr(hook, "_srv_lookup_enabled", False):
         raise CannotSendHere("the Connection resolves its host through DNS SRV records")

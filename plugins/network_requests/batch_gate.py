@@ -81,14 +81,15 @@ class CoalescingGateStore:
             self._queue.append(pending)
             if follow_for is not None:
                 self._applied.wait_for(lambda: pending.done, timeout=follow_for)
-        with self._leader:  # whoever holds it applies everything queued for its key
-            if not pending.done:
-                with self._queue_lock:
-                    mine = [queued for queued in self._queue if queued.key == key]
-                    self._queue = [queued for queued in self._queue if queued.key != key]
-                # Followers last: they wait for what the others tell the gate.
-                self._apply(key, [queued for queued in mine if not queued.follows]
-                            + [queued for queued in mine if queued.follows])
+        if not pending.done:  # (a follower applied by someone else's update needs nothing more)
+            with self._leader:  # whoever holds it applies everything queued for its key
+                if not pending.done:
+                    with self._queue_lock:
+                        mine = [queued for queued in self._queue if queued.key == key]
+                        self._queue = [queued for queued in self._queue if queued.key != key]
+                    # Followers last: they wait for what the others tell the gate.
+                    self._apply(key, [queued for queued in mine if not queued.follows]
+                                + [queued for queued in mine if queued.follows])
         if pending.error is not None:
             raise pending.error
         return pending.result

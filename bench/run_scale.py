@@ -44,6 +44,7 @@ import signal
 import sqlite3
 import sys
 import time
+import urllib.parse
 import zlib
 from collections import Counter
 from dataclasses import dataclass
@@ -73,6 +74,10 @@ CONTROL_PLANE = ("scheduler", "triggerer", "api-server", "dag-processor")
 #: triggers through the triggerer's in-process API): the probe runs in these.
 PROBED_COMPONENTS = ("api-server", "triggerer")
 AIRFLOW_DEFAULT_MAX_MAP_LENGTH = 1024
+#: ``--gate-store redis``: the Connection id the stack reaches Redis by, and where the gates
+#: live there (``network_requests.gate_store.REDIS_KEY_PREFIX``), cleared before every run.
+BENCH_REDIS_CONN_ID = "bench_redis"
+REDIS_GATE_KEYS = "network_requests:gate:*"
 
 
 @dataclass(frozen=True)
@@ -210,9 +215,18 @@ class VariableRequestLogs:
 class ScaleStack(Stack):
     """``make bench``'s stack, with the Variable-request probe in the API server and the triggerer."""
 
-    def __init__(self, args: argparse.Namespace, run_dir: Path) -> None:
+    def __init__(self, args: argparse.Namespace, run_dir: Path, redis_url: str | None = None) -> None:
         super().__init__(args, run_dir)
         self.variable_requests = VariableRequestLogs(self.log_dir)
+        self.redis_url = redis_url
+
+    def airflow_env(self) -> dict[str, str]:
+        env = super().airflow_env()
+        if self.redis_url:  # the Redis gate store (docs/distributed.md) on this one-host stack
+            env["AIRFLOW__NETWORK_REQUESTS__GATE_STORE"] = "redis"
+            env["AIRFLOW__NETWORK_REQUESTS__REDIS_CONN_ID"] = BENCH_REDIS_CONN_ID
+            env[f"AIRFLOW_CONN_{BENCH_REDIS_CONN_ID.upper()}"] = airflow_redis_uri(self.redis_url)
+        return env
 
     def component_env(self, name: str) -> dict[str, str]:
         if name not in PROBED_COMPONENTS:
@@ -279,7 +293,10 @@ def stack_args(options: argparse.Namespace, strategy: Strategy, n: int) -> argpa
 def measure(strategy: Strategy, n: int, options: argparse.Namespace, run_dir: Path, guard: SignalGuard) -> dict[str, Any]:
     """Start a fresh stack, run ``strategy`` with N requests, stop the stack; one row."""
     args = stack_args(options, strategy, n)
-    stack = ScaleStack(args, run_dir)
+    redis_url = options.redis_url if options.gate_store == "redis" else None
+    if redis_url:
+        clear_redis_gates(redis_url)
+    stack = ScaleStack(args, run_dir, redis_url=redis_url)
     bench = Bench(args, stack)
     started = time.monotonic()
     metrics: dict[str, Any] | None = None
@@ -317,6 +334,29 @@ def measure(strategy: Strategy, n: int, options: argparse.Namespace, run_dir: Pa
         error=error, problems=bench.problems, idle=idle, task_settings=settings.get(strategy.name),
         wall_s=time.monotonic() - started, run_dir=run_dir, timeout_s=timeout_for(n, options),
     )  # fmt: skip
+
+
+def airflow_redis_uri(url: str) -> str:
+    """``redis://host:port/<db>`` (redis-py's form) as an Airflow Connection URI: the Redis
+    provider's hook reads the database from the extra (``?db=``), not from the path."""
+    parts = urllib.parse.urlsplit(url)
+    db = parts.path.strip("/") or "0"
+    if not db.isdigit():
+        raise ValueError(f"--redis-url: the database must be a number, got {url!r}")
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, "/", f"db={db}", ""))
+
+
+def clear_redis_gates(url: str) -> int:
+    """Delete every gate in the Redis database at ``url``: each run starts with none, as with
+    the Variable store (whose Variables are deleted before each strategy)."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=5)
+    try:
+        keys = list(client.scan_iter(REDIS_GATE_KEYS, count=1000))
+        return client.delete(*keys) if keys else 0
+    finally:
+        client.close()
 
 
 def per_request(value: float | None, n: int, digits: int = 4) -> float | None:
@@ -433,6 +473,7 @@ def format_table(results: dict[str, Any]) -> str:
         "triggerer | failed (extra tries) | status |"
     )
     lines = [head, "|" + "---|" * 12]
+    store = results.get("config", {}).get("gate_store", "variable")
     for row in results["runs"]:
         per = row["cpu_s_per_request_by_component"] or {}
         ratio = row["makespan_over_ideal"]
@@ -443,9 +484,12 @@ def format_table(results: dict[str, Any]) -> str:
         rss = f"{_cell(row['peak_rss_mb'], 0)} · {_cell(row['peak_rss_triggerer_mb'], 0)}" if row["peak_rss_mb"] else "–"
         status = row["status"] if row["status"] != "skipped" else f"skipped: {row['note']}"
         failed = "–" if row["failures"] is None else f"{row['failures']} ({_cell(row['extra_tries'])})"
+        # The probe counts the Variable store's requests only: the Redis store's are not counted.
+        label, gate_cell = (row["strategy"], _cell(row["gate_store_requests_per_request"])) if store == "variable" \
+            else (f"{row['strategy']} ({store} store)", "not counted")
         lines.append(
-            f"| {row['strategy']} | {row['requests']} | {ratio_text} | {_cell(row['slot_seconds_per_request'])} | "
-            f"{cpu} | {_cell(row['gate_store_requests_per_request'])} | {_cell(row['responses_429'])} | "
+            f"| {label} | {row['requests']} | {ratio_text} | {_cell(row['slot_seconds_per_request'])} | "
+            f"{cpu} | {gate_cell} | {_cell(row['responses_429'])} | "
             f"{_cell(row['early_requests'])} | {rss} | {failed} | {status} |"
         )
     return "\n".join(lines)
@@ -488,11 +532,11 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
         axes.set_xlabel("N requests (log)")
         axes.set_title(title)
         axes.grid(True, which="both", alpha=0.3)
-        axes.set_ylim(0, axes.get_ylim()[1] * 1.2)  # room above the highest point for the legend
+        axes.set_ylim(0, axes.get_ylim()[1] * 1.6)  # room above the highest point for the legend
     ratio_axes.axhline(1.0, color="grey", linestyle="--", linewidth=1)
     handles, labels = ratio_axes.get_legend_handles_labels()
     if handles:
-        ratio_axes.legend(handles, labels, fontsize="small", loc="lower left")
+        ratio_axes.legend(handles, labels, fontsize="small", loc="upper left")
     config = results["config"]
     figure.suptitle(
         f"N GET requests at {config['rate_per_s']:g}/s (token bucket), LocalExecutor with {config['parallelism']} slots, "
@@ -544,6 +588,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="extra Airflow setting for every stack (repeatable)",
     )  # fmt: skip
     parser.add_argument("--run-dir", type=Path, help="one sub-folder per run goes here (default bench/runs/scale-<stamp>)")
+    parser.add_argument(
+        "--gate-store", choices=("variable", "redis"), default="variable",
+        help="where the shared gates live: make run's Variable store, or the Redis store (docs/distributed.md)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--redis-url", default="redis://127.0.0.1:6379/15",
+        help="with --gate-store redis: the Redis database (its gate keys are deleted before each run)",
+    )  # fmt: skip
     options = parser.parse_args(argv)
 
     try:
@@ -584,7 +636,7 @@ def new_results(options: argparse.Namespace, started_at: dt.datetime, run_dir: P
             "parallelism": options.parallelism,
             "executor": "LocalExecutor",
             "database": "sqlite",
-            "gate_store": "variable",
+            "gate_store": options.gate_store,
             "fresh_stack_per_run": True,
             "airflow_settings": {
                 "core__max_map_length": options.max_map_length,

@@ -207,3 +207,40 @@ def test_a_tiny_scale_run_draws_its_plot_next_to_the_results(tiny_run) -> None:
     plot = out.with_suffix(".png")
     assert results["plot"] == plot.name
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gate_store_redis_gives_every_component_the_redis_store_and_its_connection(tmp_path):
+    options = run_scale.parse_args(["--sizes", "6", "--gate-store", "redis", "--redis-url", "redis://127.0.0.1:6379/14"])
+    args = run_scale.stack_args(options, run_scale.STRATEGIES["network_request_operator"], 6)
+
+    env = run_scale.ScaleStack(args, tmp_path, redis_url=options.redis_url).airflow_env()
+    default = run_scale.ScaleStack(args, tmp_path).airflow_env()
+
+    assert env["AIRFLOW__NETWORK_REQUESTS__GATE_STORE"] == "redis"
+    assert env["AIRFLOW__NETWORK_REQUESTS__REDIS_CONN_ID"] == run_scale.BENCH_REDIS_CONN_ID
+    # The Redis provider's hook takes the database from the extra, not from the path.
+    assert env["AIRFLOW_CONN_BENCH_REDIS"] == "redis://127.0.0.1:6379/?db=14"
+    assert "AIRFLOW__NETWORK_REQUESTS__GATE_STORE" not in default, "the Variable store by default, as make run"
+    results = run_scale.new_results(options, run_scale.dt.datetime.now(run_scale.dt.timezone.utc), tmp_path)
+    assert results["config"]["gate_store"] == "redis"
+
+
+def test_each_redis_run_starts_without_gates_and_other_keys_stay():
+    redis = pytest.importorskip("redis")
+    from network_requests.gate_store import REDIS_KEY_PREFIX
+
+    client = redis.Redis.from_url("redis://127.0.0.1:6379/14", socket_timeout=5)
+    try:
+        client.ping()
+    except redis.RedisError as error:
+        pytest.skip(f"no Redis on 127.0.0.1:6379 ({error})")
+    assert run_scale.REDIS_GATE_KEYS == REDIS_KEY_PREFIX + "*", "the runner clears the keys the store writes"
+    client.set(REDIS_KEY_PREFIX + "bench_api", "old gate")
+    client.set("network_requests-bench-test:not-a-gate", "kept")
+    try:
+        assert run_scale.clear_redis_gates("redis://127.0.0.1:6379/14") >= 1
+        assert client.get(REDIS_KEY_PREFIX + "bench_api") is None
+        assert client.get("network_requests-bench-test:not-a-gate") == b"kept"
+    finally:
+        client.delete("network_requests-bench-test:not-a-gate")
+        client.close()

@@ -101,8 +101,10 @@ def test_periodic_dag_and_a_burst_of_one_off_runs_share_the_rate_limit(stack, de
     assert told_to_wait, "the demo API never ran out of tokens: the test did not exercise the limit"
     assert demo_api.early_requests() == [], demo_api.timeline()
     # Against what the server told *another* client, a request can come early only in the moment
-    # before that client has shared it (the operator's shared gate, an Airflow Variable). Not
-    # asserted, reported: see docs/distributed.md.
+    # before that client has shared it (the operator's shared gate, in Redis here): a request let
+    # out while the quota was counted left, arriving after another's answer said it was spent.
+    # Not asserted, reported: see docs/distributed.md. (While pacing with the quota counted
+    # spent, a request waits for the answers before it: test_mapped_at_scale asserts 0 there.)
     shared_early = demo_api.early_requests(shared=True)
 
     # Each client got exactly one successful answer: nothing fetched twice, nothing lost.
